@@ -1,0 +1,1 @@
+"""Shared fixtures. Real servers (redis-server, PostgreSQL) come from kansas.testing."""

@@ -1,0 +1,198 @@
+"""``kansas-ctl``: the operator's handle on the authority (PostgreSQL) and the table (Redis).
+
+Every failure is one line on stderr and a non-zero exit: 2 for a bad command line,
+1 for anything else (unreachable database, unknown shard, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from kansas import __version__
+from kansas.errors import KansasError
+from kansas.model import QueueRoute
+from kansas.router import place_queue
+from kansas.schema import SCHEMA_VERSION
+from kansas.stores.interface import IAuthority
+from kansas.stores.postgres import PostgresAuthority
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, not argparse's usage block: scripts and humans both read it.
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _nonnegative(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kansas-ctl", description=__doc__.splitlines()[0] if __doc__ else "")
+    parser.add_argument("--version", action="version", version=f"kansas {__version__}")
+    parser.add_argument(
+        "--postgres",
+        default=os.environ.get("KANSAS_POSTGRES"),
+        help="PostgreSQL DSN of the assignments [env KANSAS_POSTGRES]",
+    )
+    parser.add_argument(
+        "--redis",
+        default=os.environ.get("KANSAS_REDIS", "redis://127.0.0.1:6379/0"),
+        help="Redis URL of the queue table [env KANSAS_REDIS; default %(default)s]",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    commands.add_parser("migrate", help="create or upgrade the schema")
+
+    shard = commands.add_parser("shard", help="register and list shards")
+    shard_cmds = shard.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    add = shard_cmds.add_parser("add", help="register a Tornado shard")
+    add.add_argument("name")
+    add.add_argument("url", help="http://HOST:PORT")
+    add.add_argument("--weight", type=_nonnegative, default=100, help="default %(default)s")
+    shard_cmds.add_parser("list", help="list the shards")
+
+    realm = commands.add_parser("realm", help="pin realms to shards")
+    realm_cmds = realm.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    pin = realm_cmds.add_parser("pin", help="send a realm's new queues to a shard")
+    pin.add_argument("realm")
+    pin.add_argument("shard")
+    unpin = realm_cmds.add_parser("unpin", help="return a realm to consistent hashing")
+    unpin.add_argument("realm")
+
+    user = commands.add_parser("user", help="per-user overrides")
+    user_cmds = user.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    move = user_cmds.add_parser("move", help="send a user's new queues to a shard")
+    move.add_argument("realm")
+    move.add_argument("user_id", type=_nonnegative)
+    move.add_argument("shard")
+
+    where = commands.add_parser("where", help="which shard a new queue would go to, and why")
+    where.add_argument("realm")
+    where.add_argument("user_id", type=_nonnegative, nargs="?")
+
+    queues = commands.add_parser("queues", help="list the queue -> shard table (from Redis)")
+    queues.add_argument("--realm")
+    return parser
+
+
+def _authority(args: argparse.Namespace) -> IAuthority:
+    if not args.postgres:
+        raise KansasError("--postgres DSN is required (or set KANSAS_POSTGRES)")
+    return PostgresAuthority(args.postgres, application_name="kansas-ctl")
+
+
+def _run(args: argparse.Namespace, out: Any) -> None:
+    if args.command == "queues":
+        _print_queues(_read_queues(args.redis, args.realm), out)
+        return
+    authority = _authority(args)
+    try:
+        if args.command == "migrate":
+            before = authority.schema_version()
+            after = authority.migrate()
+            print(f"schema version {after} (was {before})", file=out)
+            return
+        if authority.schema_version() != SCHEMA_VERSION:
+            raise KansasError("the kansas schema is missing or old: run `kansas-ctl migrate`")
+        if args.command == "shard" and args.action == "add":
+            shard = authority.add_shard(args.name, args.url, args.weight)
+            print(f"added shard {shard.name} at {shard.url} (weight {shard.weight})", file=out)
+        elif args.command == "shard":
+            _print_shards(authority, out)
+        elif args.command == "realm" and args.action == "pin":
+            authority.pin_realm(args.realm.lower(), args.shard)
+            print(f"pinned {args.realm.lower()} to {args.shard}", file=out)
+        elif args.command == "realm":
+            if not authority.unpin_realm(args.realm.lower()):
+                raise KansasError(f"realm {args.realm.lower()!r} has no pin")
+            print(f"unpinned {args.realm.lower()}", file=out)
+        elif args.command == "user":
+            authority.move_user(args.realm.lower(), args.user_id, args.shard)
+            print(f"user {args.user_id} of {args.realm.lower()} now goes to {args.shard}", file=out)
+        elif args.command == "where":
+            decision = place_queue(authority.load(), args.realm.lower(), args.user_id)
+            if decision is None:
+                raise KansasError("no shard can take new queues (none registered, or all weight 0)")
+            print(f"{decision.shard} ({decision.reason})", file=out)
+    finally:
+        authority.close()
+
+
+def _print_shards(authority: IAuthority, out: Any) -> None:
+    assignment = authority.load()
+    pins: dict[str, int] = {}
+    for shard in assignment.realm_pins.values():
+        pins[shard] = pins.get(shard, 0) + 1
+    rows = [("NAME", "URL", "WEIGHT", "PINNED REALMS")]
+    rows += [
+        (s.name, s.url, str(s.weight), str(pins.get(s.name, 0))) for s in authority.list_shards()
+    ]
+    _table(rows, out)
+
+
+def _read_queues(redis_url: str, realm: str | None) -> list[QueueRoute]:
+    from twisted.internet import task
+    from twisted.internet.defer import ensureDeferred
+
+    from kansas.stores.redis import RedisRouteStore, parse_redis_url
+
+    address = parse_redis_url(redis_url)
+    found: list[QueueRoute] = []
+    failure: list[str] = []
+
+    async def main(reactor: Any) -> None:
+        store = RedisRouteStore(address, reactor, call_timeout=5.0, poolsize=1)
+        try:
+            found.extend(await store.routes(realm.lower() if realm else None))
+        except Exception as e:
+            failure.append(f"cannot read queues from Redis ({address}): {e or type(e).__name__}")
+        finally:
+            await store.close()
+
+    try:
+        task.react(lambda reactor: ensureDeferred(main(reactor)))
+    except SystemExit as e:
+        if e.code not in (0, None):
+            failure.append(f"cannot read queues from Redis ({address})")
+    if failure:
+        raise KansasError(failure[0])
+    return found
+
+
+def _print_queues(routes: list[QueueRoute], out: Any) -> None:
+    rows = [("QUEUE", "SHARD", "REALM", "USER", "TIMEOUT")]
+    rows += [
+        (r.queue_id, r.shard, r.realm, "-" if r.user_id is None else str(r.user_id), str(r.timeout))
+        for r in routes
+    ]
+    _table(rows, out)
+    print(f"{len(routes)} queue(s)", file=out)
+
+
+def _table(rows: Sequence[Sequence[str]], out: Any) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip(), file=out
+        )
+
+
+def main(argv: Sequence[str] | None = None, out: Any = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _run(args, out or sys.stdout)
+    except KansasError as e:
+        print(f"kansas-ctl: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""The data kansas routes by: shards, the assignment that PostgreSQL holds, queue routes.
+
+Plain immutable values: the router is a set of pure functions over them, and every
+store speaks in them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from urllib.parse import urlsplit
+
+from kansas.errors import ConfigError, KansasError
+
+#: The shard's own idle timeout for a queue (Zulip's default); a larger ``lifespan_secs``
+#: replaces it.
+DEFAULT_QUEUE_TIMEOUT = 600
+#: Zulip caps ``lifespan_secs`` at 7 days.
+MAX_QUEUE_TIMEOUT = 7 * 24 * 3600
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """One Tornado process: where it listens and how much of the load it should take."""
+
+    name: str
+    url: str
+    weight: int = 100
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return parse_shard_url(self.url)
+
+
+def parse_shard_url(url: str) -> tuple[str, int]:
+    """``http://host:port`` -> (host, port); anything else is a ConfigError."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise ConfigError(f"bad shard URL {url!r}: {e}") from None
+    if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):
+        raise ConfigError(f"bad shard URL {url!r}: expected http://HOST:PORT")
+    return parts.hostname, port or 80
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """Where queues should go, as PostgreSQL says: a snapshot, replaced whole on change."""
+
+    shards: Mapping[str, Shard] = field(default_factory=dict)
+    realm_pins: Mapping[str, str] = field(default_factory=dict)
+    user_overrides: Mapping[tuple[str, int], str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Snapshots are shared between callers: make them read-only.
+        for name in ("shards", "realm_pins", "user_overrides"):
+            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+
+
+@dataclass(frozen=True, slots=True)
+class QueueRoute:
+    """One row of the queue -> shard table kept in Redis."""
+
+    queue_id: str
+    shard: str
+    realm: str
+    user_id: int | None = None
+    timeout: int = DEFAULT_QUEUE_TIMEOUT
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "shard": self.shard,
+                "realm": self.realm,
+                "user": self.user_id,
+                "timeout": self.timeout,
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, queue_id: str, raw: str | bytes) -> QueueRoute:
+        data = json.loads(raw)
+        return cls(
+            queue_id=queue_id,
+            shard=str(data["shard"]),
+            realm=str(data["realm"]),
+            user_id=None if data.get("user") is None else int(data["user"]),
+            timeout=int(data.get("timeout", DEFAULT_QUEUE_TIMEOUT)),
+        )
+
+
+def queue_timeout(lifespan_secs: str | int | None) -> int:
+    """The idle timeout a shard applies to a queue created with this ``lifespan_secs``."""
+    try:
+        lifespan = int(lifespan_secs or 0)
+    except ValueError:
+        return DEFAULT_QUEUE_TIMEOUT
+    if lifespan <= 0:
+        return DEFAULT_QUEUE_TIMEOUT
+    return min(lifespan, MAX_QUEUE_TIMEOUT)
+
+
+def check_shard_args(name: str, url: str, weight: int) -> None:
+    """The checks every authority applies before registering a shard."""
+    if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise KansasError(f"bad shard name {name!r}: use letters, digits, '-', '_' and '.'")
+    parse_shard_url(url)
+    if weight < 0:
+        raise KansasError(f"bad weight {weight}: must be >= 0")

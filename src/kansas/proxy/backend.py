@@ -1,0 +1,270 @@
+"""Persistent HTTP/1.1 connections to the shards, one request in flight on each.
+
+The stock ``twisted.web.proxy`` client opens an HTTP/1.0 connection per request and
+keeps it after the client leaves; here connections are kept alive and reused (most
+recently used first), responses stream to a ``ResponseSink`` as they arrive, and a
+cancelled exchange aborts its connection so the shard drops the parked request too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from typing import Protocol as TypingProtocol
+
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from kansas.http.wire import Header, HttpError, ResponseParser
+
+log = Logger()
+
+Address = tuple[str, int]
+
+
+class ResponseSink(TypingProtocol):
+    """Where a backend response goes, part by part. Exactly one of ``response_end`` or
+    ``response_failed`` ends every exchange that was not cancelled."""
+
+    def response_head(self, status: int, headers: list[Header]) -> None: ...
+    def response_body(self, data: bytes) -> None: ...
+    def response_end(self) -> None: ...
+    def response_failed(self, reason: str, started: bool) -> None: ...
+
+
+class Exchange:
+    """One request to one shard, from sending to the end of its response."""
+
+    __slots__ = (
+        "address",
+        "conn",
+        "connector",
+        "done",
+        "payload",
+        "pool",
+        "retry_safe",
+        "sink",
+        "started",
+        "timer",
+    )
+
+    def __init__(
+        self,
+        pool: BackendPool,
+        address: Address,
+        payload: bytes,
+        sink: ResponseSink,
+        retry_safe: bool,
+    ) -> None:
+        self.pool = pool
+        self.address = address
+        self.payload = payload
+        self.sink = sink
+        self.retry_safe = retry_safe
+        self.conn: BackendConnection | None = None
+        self.connector: Any = None
+        self.started = False  # response bytes have reached the sink
+        self.done = False
+        self.timer: IDelayedCall | None = None
+
+    def cancel(self) -> None:
+        """The client went away: drop the exchange and its connection (never reused)."""
+        if self.done:
+            return
+        self._close()
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.exchange = None
+            conn.abort()
+        elif self.connector is not None:
+            self.connector.stopConnecting()
+
+    def _close(self) -> None:
+        self.done = True
+        if self.timer is not None:
+            if self.timer.active():
+                self.timer.cancel()
+            self.timer = None
+
+    def finished(self) -> None:
+        self._close()
+        self.conn = None
+        self.sink.response_end()
+
+    def failed(self, reason: str) -> None:
+        if self.done:
+            return
+        self._close()
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.exchange = None
+            conn.abort()
+        self.sink.response_failed(reason, self.started)
+
+    def timed_out(self) -> None:
+        self.timer = None
+        self.failed(f"shard {self.address[0]}:{self.address[1]} did not answer in time")
+
+
+class BackendConnection(Protocol):
+    __slots__ = ("address", "exchange", "parser", "pool", "reused")
+
+    def __init__(self, pool: BackendPool, address: Address, exchange: Exchange | None) -> None:
+        self.pool = pool
+        self.address = address
+        self.exchange = exchange
+        self.reused = False
+        self.parser = ResponseParser(self._on_head, self._on_body, self._on_end)
+
+    # -- driving a request -------------------------------------------------------------
+    def send(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+        exchange.conn = self
+        self.parser.expect()
+        assert self.transport is not None
+        self.transport.write(exchange.payload)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    # -- Protocol ------------------------------------------------------------------------
+    def connectionMade(self) -> None:
+        exchange = self.exchange
+        if exchange is None or exchange.done:  # cancelled while connecting
+            self.exchange = None
+            self.abort()
+            return
+        exchange.connector = None
+        self.send(exchange)
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            self.parser.feed(data)
+        except HttpError as e:
+            exchange = self.exchange
+            if exchange is not None:
+                exchange.failed(f"shard {self.address[0]}:{self.address[1]}: {e.message}")
+            self.abort()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.pool._forget(self)
+        exchange, self.exchange = self.exchange, None
+        if exchange is None or exchange.done:
+            return
+        if self.parser.connection_closed():
+            return  # a response read until close has ended
+        exchange.conn = None
+        if not exchange.started and self.reused and exchange.retry_safe:
+            # A kept-alive connection the shard closed as we reused it: nothing was
+            # processed, so try once more on a fresh connection.
+            exchange.retry_safe = False
+            self.pool._connect(exchange)
+            return
+        exchange.failed(f"shard {self.address[0]}:{self.address[1]} closed the connection")
+
+    # -- parser events -------------------------------------------------------------------
+    def _on_head(self, status: int, headers: list[Header]) -> None:
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.started = True
+            exchange.sink.response_head(status, headers)
+
+    def _on_body(self, data: bytes) -> None:
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.sink.response_body(data)
+
+    def _on_end(self, reusable: bool) -> None:
+        exchange, self.exchange = self.exchange, None
+        if reusable:
+            self.pool._release(self)
+        else:
+            self.abort()
+        if exchange is not None:
+            exchange.finished()
+
+
+class _Connecting(ClientFactory):
+    noisy = False
+
+    def __init__(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+
+    def buildProtocol(self, addr: Any) -> BackendConnection:
+        return BackendConnection(self.exchange.pool, self.exchange.address, self.exchange)
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        exchange = self.exchange
+        exchange.connector = None
+        if not exchange.done:
+            host, port = exchange.address
+            exchange.failed(f"shard {host}:{port} is unreachable: {reason.getErrorMessage()}")
+
+
+class BackendPool:
+    """Keeps idle keep-alive connections per shard address and starts exchanges."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        connect_timeout: float = 5.0,
+        response_timeout: float = 150.0,
+        max_idle_per_address: int = 1024,
+    ) -> None:
+        self.reactor = reactor
+        self.connect_timeout = connect_timeout
+        self.response_timeout = response_timeout
+        self.max_idle_per_address = max_idle_per_address
+        self._idle: dict[Address, list[BackendConnection]] = {}
+        self._busy: set[BackendConnection] = set()
+
+    def send(
+        self, address: Address, payload: bytes, sink: ResponseSink, retry_safe: bool
+    ) -> Exchange:
+        """Send ``payload`` (a whole HTTP/1.1 request) to ``address``; the response goes
+        to ``sink``. ``retry_safe``: may be sent again if a reused connection fails first."""
+        exchange = Exchange(self, address, payload, sink, retry_safe)
+        exchange.timer = self.reactor.callLater(self.response_timeout, exchange.timed_out)
+        idle = self._idle.get(address)
+        if idle:
+            conn = idle.pop()
+            self._busy.add(conn)
+            conn.reused = True
+            conn.send(exchange)
+        else:
+            self._connect(exchange)
+        return exchange
+
+    def _connect(self, exchange: Exchange) -> None:
+        host, port = exchange.address
+        exchange.connector = self.reactor.connectTCP(
+            host, port, _Connecting(exchange), timeout=self.connect_timeout
+        )
+
+    def _release(self, conn: BackendConnection) -> None:
+        self._busy.discard(conn)
+        idle = self._idle.setdefault(conn.address, [])
+        if len(idle) >= self.max_idle_per_address:
+            conn.abort()
+            return
+        idle.append(conn)
+
+    def _forget(self, conn: BackendConnection) -> None:
+        self._busy.discard(conn)
+        idle = self._idle.get(conn.address)
+        if idle and conn in idle:
+            idle.remove(conn)
+
+    def idle_count(self, address: Address | None = None) -> int:
+        if address is not None:
+            return len(self._idle.get(address, ()))
+        return sum(map(len, self._idle.values()))
+
+    def close(self) -> None:
+        """Close every idle connection (busy ones end with their exchanges)."""
+        for idle in list(self._idle.values()):
+            for conn in list(idle):
+                conn.abort()
+        self._idle.clear()

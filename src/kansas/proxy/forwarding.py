@@ -1,0 +1,145 @@
+"""What both listeners share: choosing the shard for a queue, and rewriting heads.
+
+``EventRouter.route`` answers from the in-process cache without a Deferred when it
+can (the hot path), else asks Redis, else falls back to the realm's home shard.
+``EventRouter.answered`` updates the table from the shard's answer.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Protocol as TypingProtocol
+
+from twisted.internet.defer import Deferred
+
+from kansas.http.wire import HOP_BY_HOP, Header
+from kansas.model import DEFAULT_QUEUE_TIMEOUT, Assignment, QueueRoute, Shard
+from kansas.router import Reason, realm_home
+from kansas.routes import RouteTable
+
+#: Queue ids are uuid4 strings (Zulip >= 6) or "<generation>:<counter>" (older).
+QUEUE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9:._-]{0,99}")
+EVENT_PATHS = frozenset({b"/json/events", b"/api/v1/events"})
+INTERNAL_QUEUE_PATH = b"/api/v1/events/internal"
+INTERNAL_PREFIX = b"/api/internal/"
+
+#: Headers kansas sets itself on the way to a shard; a client's copies are dropped.
+_REPLACED_UPSTREAM = HOP_BY_HOP | {
+    b"x-real-ip",
+    b"x-forwarded-for",
+    b"content-length",
+    b"expect",  # kansas has the whole body before it forwards
+}
+
+
+class Directory(TypingProtocol):
+    """Holds the current assignment snapshot (``kansas.follower`` keeps it fresh)."""
+
+    @property
+    def current(self) -> Assignment: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    shard: Shard
+    reason: Reason
+    route: QueueRoute | None  # None: not in the table (a fallback, or a new queue)
+
+
+class NoShard(Exception):
+    """No shard can serve this realm (none registered, or all weighted 0)."""
+
+
+class EventRouter:
+    __slots__ = ("directory", "table")
+
+    def __init__(self, table: RouteTable, directory: Directory) -> None:
+        self.table = table
+        self.directory = directory
+
+    def route(self, queue_id: str, realm: str) -> Target | Deferred[Target]:
+        """The shard for a request on ``queue_id``: at once on a cache hit."""
+        route = self.table.cached(queue_id)
+        if route is not None:
+            return self._mapped(route, realm)
+        return self.table.fetch(queue_id).addCallback(
+            lambda found: self._fallback(realm) if found is None else self._mapped(found, realm)
+        )
+
+    def _mapped(self, route: QueueRoute, realm: str) -> Target:
+        shard = self.directory.current.shards.get(route.shard)
+        if shard is None:
+            # The mapping names a shard that is no longer registered: the queue cannot
+            # be reached. Route like an unknown queue; its shard says BAD_EVENT_QUEUE_ID.
+            return self._fallback(realm)
+        return Target(shard, Reason.QUEUE_MAPPING, route)
+
+    def _fallback(self, realm: str) -> Target:
+        assignment = self.directory.current
+        decision = realm_home(assignment, realm)
+        if decision is None:
+            raise NoShard(realm)
+        return Target(assignment.shards[decision.shard], Reason.FALLBACK, None)
+
+    def answered(
+        self, method: bytes, queue_id: str, realm: str, target: Target, status: int
+    ) -> None:
+        """Keep the table in step with what the shard said about the queue."""
+        if status != 200:
+            return
+        if method == b"DELETE":
+            self.table.forget(queue_id)
+        elif target.route is not None:
+            self.table.seen(target.route)
+        else:
+            # Found on the realm's home shard after the mapping was lost: record it so
+            # the queue keeps its shard even if the realm's placement changes later.
+            route = QueueRoute(queue_id, target.shard.name, realm, None, DEFAULT_QUEUE_TIMEOUT)
+            self.table.record(route)
+
+
+def upstream_head(
+    method: bytes,
+    target: bytes,
+    headers: list[Header],
+    peer: str,
+    body_length: int,
+) -> bytes:
+    """The HTTP/1.1 request head for a shard: hop-by-hop headers out, ``Host`` kept,
+    ``X-Real-Ip`` set to the real peer and the peer appended to ``X-Forwarded-For``."""
+    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+    listed: frozenset[bytes] | set[bytes] = frozenset()
+    forwarded_for = b""
+    for lname, _name, value in headers:
+        if lname == b"connection":
+            listed = {t.strip().lower() for t in value.split(b",")}
+    for lname, name, value in headers:
+        if lname in _REPLACED_UPSTREAM or lname in listed:
+            if lname == b"x-forwarded-for":
+                forwarded_for = value
+            continue
+        parts += (name, b": ", value, b"\r\n")
+    peer_bytes = peer.encode()
+    chain = forwarded_for + b", " + peer_bytes if forwarded_for else peer_bytes
+    parts += (b"X-Forwarded-For: ", chain, b"\r\nX-Real-Ip: ", peer_bytes, b"\r\n")
+    if body_length or method not in (b"GET", b"HEAD", b"DELETE"):
+        parts += (b"Content-Length: ", str(body_length).encode(), b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def downstream_headers(headers: list[Header]) -> list[Header]:
+    """A shard's response headers minus the hop-by-hop ones (and those it lists)."""
+    listed: set[bytes] = set()
+    for lname, _name, value in headers:
+        if lname == b"connection":
+            listed = {t.strip().lower() for t in value.split(b",")}
+    return [h for h in headers if h[0] not in HOP_BY_HOP and h[0] not in listed]
+
+
+def is_json(headers: list[Header]) -> bool:
+    for lname, _name, value in headers:
+        if lname == b"content-type":
+            return b"json" in value.lower()
+    return False

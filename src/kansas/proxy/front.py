@@ -1,0 +1,322 @@
+"""The public listener: a lean raw-socket HTTP/1.1 front for the event-queue paths.
+
+Every long-poll of every Zulip client comes through here, so this path avoids
+twisted.web's generic machinery: one small ``Protocol`` per client connection parses
+heads (``kansas.http.wire``), routes by queue (``EventRouter``) and relays the shard's
+response as it arrives. Only GET and DELETE on ``/json/events`` and ``/api/v1/events``
+are forwarded; the internal paths are refused (403) and everything else is 404/405.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qsl
+
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from kansas.http.responses import bad_queue_response, error_response, status_line
+from kansas.http.wire import Header, HttpError, Request, RequestParser
+from kansas.proxy.backend import BackendPool, Exchange
+from kansas.proxy.forwarding import (
+    EVENT_PATHS,
+    INTERNAL_PREFIX,
+    INTERNAL_QUEUE_PATH,
+    QUEUE_ID,
+    EventRouter,
+    NoShard,
+    Target,
+    downstream_headers,
+    is_json,
+    upstream_head,
+)
+from kansas.router import realm_from_host
+
+log = Logger()
+
+#: A DELETE's form body is tiny; anything near this size is not Zulip talking.
+MAX_BODY_BYTES = 64 * 1024
+#: Bytes a client may send ahead (pipelining) while its request is in flight.
+MAX_AHEAD_BYTES = 64 * 1024
+
+_LENGTH, _CHUNKED, _UNTIL_CLOSE = range(3)
+
+
+def _params(data: bytes) -> dict[bytes, bytes]:
+    # Later values win, as Django's QueryDict does for a single-valued argument.
+    return dict(parse_qsl(data, keep_blank_values=True))
+
+
+class FrontProtocol(Protocol):
+    """One client connection: requests one at a time, each relayed to its shard."""
+
+    __slots__ = (
+        "busy",
+        "exchange",
+        "framing",
+        "gone",
+        "idle_since",
+        "in_loop",
+        "keep_alive",
+        "parser",
+        "peer",
+        "pending",
+        "proxy",
+    )
+
+    def __init__(self, proxy: FrontFactory) -> None:
+        self.proxy = proxy
+        self.parser = RequestParser(MAX_BODY_BYTES)
+        self.busy = False
+        self.gone = False
+        self.in_loop = False
+        self.exchange: Exchange | None = None
+        # What the response in flight needs: (method, queue_id, realm, target, http11)
+        self.pending: tuple[bytes, str, str, Target, bool] | None = None
+        self.keep_alive = True
+        self.framing = _LENGTH
+        self.peer = ""
+        self.idle_since = 0.0
+
+    # -- connection ----------------------------------------------------------------------
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.peer = getattr(self.transport.getPeer(), "host", "") or "unknown"
+        self.idle_since = self.proxy.clock.seconds()
+        self.proxy.connections.add(self)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.gone = True
+        self.proxy.connections.discard(self)
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.cancel()  # the shard drops the parked request with the connection
+
+    def dataReceived(self, data: bytes) -> None:
+        self.parser.feed(data)
+        if self.busy:
+            if self.parser.buffered > MAX_AHEAD_BYTES:
+                self.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        self._serve()
+
+    def _serve(self) -> None:
+        """Handle every complete request buffered, one at a time."""
+        if self.in_loop:
+            return
+        self.in_loop = True
+        try:
+            while not self.busy and not self.gone:
+                try:
+                    request = self.parser.next_request()
+                except HttpError as e:
+                    self._reply(error_response(e.status, e.message, keep_alive=False), False)
+                    return
+                if request is None:
+                    if self.parser.wants_continue():
+                        self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
+                    return
+                self.busy = True
+                self.keep_alive = request.keep_alive
+                self._dispatch(request)
+        finally:
+            self.in_loop = False
+
+    def _reply(self, response: bytes, keep_alive: bool) -> None:
+        self.transport.write(response)  # type: ignore[union-attr]
+        self._done(keep_alive)
+
+    def _done(self, keep_alive: bool) -> None:
+        self.busy = False
+        self.exchange = None
+        self.pending = None
+        self.idle_since = self.proxy.clock.seconds()
+        if not keep_alive:
+            self.gone = True
+            self.transport.loseConnection()  # type: ignore[union-attr]
+        elif self.parser.buffered:
+            self._serve()
+
+    # -- requests ------------------------------------------------------------------------
+    def _dispatch(self, request: Request) -> None:
+        path, _, query = request.target.partition(b"?")
+        ka = self.keep_alive
+        if path in EVENT_PATHS:
+            if request.method == b"GET" or request.method == b"DELETE":
+                self._events(request, query)
+            else:
+                allow = ((b"Allow", b"GET, DELETE"),)
+                self._reply(
+                    error_response(405, "Method Not Allowed", keep_alive=ka, extra=allow), ka
+                )
+        elif path == INTERNAL_QUEUE_PATH or path.startswith(INTERNAL_PREFIX):
+            self._reply(error_response(403, "Access denied", "UNAUTHORIZED", ka), ka)
+        else:
+            self._reply(error_response(404, "Not Found", "NOT_FOUND", ka), ka)
+
+    def _events(self, request: Request, query: bytes) -> None:
+        ka = self.keep_alive
+        params = _params(query)
+        if b"queue_id" not in params and request.body and request.method == b"DELETE":
+            params = {**_params(request.body), **params}
+        raw_queue_id = params.get(b"queue_id")
+        if raw_queue_id is None:
+            self._reply(error_response(400, "Missing 'queue_id' argument", keep_alive=ka), ka)
+            return
+        queue_id = raw_queue_id.decode("utf-8", "replace")
+        if QUEUE_ID.fullmatch(queue_id) is None:
+            self._reply(bad_queue_response(queue_id, ka), ka)
+            return
+        last_event_id = params.get(b"last_event_id")
+        if last_event_id is not None and not last_event_id.lstrip(b"-").isdigit():
+            msg = f"Bad value for 'last_event_id': {last_event_id.decode('utf-8', 'replace')}"
+            self._reply(error_response(400, msg, keep_alive=ka), ka)
+            return
+        host = request.header(b"host")
+        if host is None and request.version == b"HTTP/1.1":
+            self._reply(error_response(400, "Missing Host header", keep_alive=False), False)
+            return
+        realm = realm_from_host(host)
+        try:
+            target = self.proxy.router.route(queue_id, realm)
+        except NoShard:
+            self._no_shard(realm)
+            return
+        if isinstance(target, Deferred):
+            target.addCallbacks(
+                self._forward,
+                self._route_failed,
+                callbackArgs=(request, queue_id, realm),
+                errbackArgs=(realm,),
+            )
+        else:
+            self._forward(target, request, queue_id, realm)
+
+    def _no_shard(self, realm: str) -> None:
+        msg = f"No shard is available for realm {realm!r}"
+        self._reply(error_response(503, msg, "SHARD_UNAVAILABLE", self.keep_alive), self.keep_alive)
+
+    def _route_failed(self, failure: Failure, realm: str) -> None:
+        if self.gone:
+            return
+        if isinstance(failure.value, NoShard):
+            self._no_shard(realm)
+            return
+        log.failure("routing failed", failure)
+        ka = self.keep_alive
+        self._reply(error_response(500, "Internal error while routing", "INTERNAL", ka), ka)
+
+    def _forward(self, target: Target, request: Request, queue_id: str, realm: str) -> None:
+        if self.gone:
+            return
+        head = upstream_head(
+            request.method, request.target, request.headers, self.peer, len(request.body)
+        )
+        self.pending = (request.method, queue_id, realm, target, request.version == b"HTTP/1.1")
+        self.exchange = self.proxy.pool.send(target.shard.address, head + request.body, self, True)
+
+    # -- ResponseSink: the shard's answer --------------------------------------------------
+    def response_head(self, status: int, headers: list[Header]) -> None:
+        pending = self.pending
+        assert pending is not None
+        method, queue_id, realm, target, http11 = pending
+        if not is_json(headers):
+            if self.exchange is not None:
+                self.exchange.cancel()
+            msg = f"Shard {target.shard.name} sent a reply that is not JSON (status {status})"
+            self._reply(error_response(502, msg, "BAD_GATEWAY", self.keep_alive), self.keep_alive)
+            return
+        self.proxy.router.answered(method, queue_id, realm, target, status)
+        out = [status_line(status)]
+        framing = _UNTIL_CLOSE
+        for lname, name, value in downstream_headers(headers):
+            if lname == b"content-length":
+                framing = _LENGTH
+            out += (name, b": ", value, b"\r\n")
+        if framing != _LENGTH:
+            if http11:
+                framing = _CHUNKED
+                out.append(b"Transfer-Encoding: chunked\r\n")
+            else:
+                self.keep_alive = False
+        if not self.keep_alive:
+            out.append(b"Connection: close\r\n")
+        elif not http11:
+            out.append(b"Connection: keep-alive\r\n")
+        out.append(b"\r\n")
+        self.framing = framing
+        self.transport.write(b"".join(out))  # type: ignore[union-attr]
+
+    def response_body(self, data: bytes) -> None:
+        if self.framing == _CHUNKED:
+            self.transport.write(b"%x\r\n%s\r\n" % (len(data), data))  # type: ignore[union-attr]
+        else:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    def response_end(self) -> None:
+        if self.framing == _CHUNKED:
+            self.transport.write(b"0\r\n\r\n")  # type: ignore[union-attr]
+        self._done(self.keep_alive)
+
+    def response_failed(self, reason: str, started: bool) -> None:
+        self.exchange = None
+        if self.gone:
+            return
+        log.warn("{reason}", reason=reason)
+        if started:
+            # Part of the answer is out: only a cut connection tells the client.
+            self.gone = True
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        pending = self.pending
+        name = pending[3].shard.name if pending is not None else "?"
+        msg = f"Shard {name} is unavailable"
+        self._reply(error_response(502, msg, "BAD_GATEWAY", self.keep_alive), self.keep_alive)
+
+
+class FrontFactory(Factory):
+    """Shared state of one public listener, and the reaper of idle connections."""
+
+    noisy = False
+
+    def __init__(
+        self,
+        router: EventRouter,
+        pool: BackendPool,
+        clock: Any,
+        idle_timeout: float = 75.0,
+        reap_interval: float = 5.0,
+    ) -> None:
+        self.router = router
+        self.pool = pool
+        self.clock = clock
+        self.idle_timeout = idle_timeout
+        self.connections: set[FrontProtocol] = set()
+        self._reaper = LoopingCall(self.reap)
+        self._reaper.clock = clock
+        self._reap_interval = reap_interval
+
+    def buildProtocol(self, addr: Any) -> FrontProtocol:
+        return FrontProtocol(self)
+
+    def startFactory(self) -> None:
+        self._reaper.start(self._reap_interval, now=False)
+
+    def stopFactory(self) -> None:
+        if self._reaper.running:
+            self._reaper.stop()
+
+    def reap(self) -> None:
+        """Close connections idle past ``idle_timeout`` (keep-alive, or a slow head).
+
+        One sweep every few seconds costs less than a timer per connection reset on
+        every request.
+        """
+        deadline = self.clock.seconds() - self.idle_timeout
+        for conn in [c for c in self.connections if not c.busy and c.idle_since < deadline]:
+            conn.gone = True
+            if conn.transport is not None:
+                conn.transport.loseConnection()

@@ -1,0 +1,344 @@
+"""The internal listener: twisted.web resources for the calls Django makes.
+
+These are rare (one queue creation per page load, one notification per event batch),
+so they run on twisted.web, with ``ShardProxyResource`` — a ``ReverseProxyResource``
+whose forwarding path is replaced: the shard is chosen per request, and requests go
+over kansas's persistent HTTP/1.1 connections instead of the stock HTTP/1.0 client.
+
+* ``POST /api/v1/events/internal``: without ``queue_id``, create a queue on the shard
+  the router places it on and record the mapping; with one, route by the queue.
+* ``POST /api/internal/notify_tornado`` and ``…/web_reload_clients``: sent to every
+  shard, replies combined.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, cast
+
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.proxy import ReverseProxyResource
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from kansas.errors import bad_queue_body, zulip_error_body
+from kansas.http.wire import Header
+from kansas.model import QueueRoute, queue_timeout
+from kansas.proxy.backend import BackendPool, Exchange
+from kansas.proxy.forwarding import (
+    QUEUE_ID,
+    EventRouter,
+    NoShard,
+    Target,
+    downstream_headers,
+    is_json,
+    upstream_head,
+)
+from kansas.router import Reason, place_queue, realm_from_host
+
+log = Logger()
+
+#: Internal callers are trusted, but a body this large is still not Zulip talking.
+MAX_INTERNAL_BODY = 1024 * 1024
+#: Django gives Tornado 0.5 s: do not hold its answer long for the Redis write.
+RECORD_WAIT_SECONDS = 0.2
+
+
+def _json_error(request: Request, status: int, msg: str, code: str = "BAD_REQUEST") -> bytes:
+    request.setResponseCode(status)
+    request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+    return zulip_error_body(msg, code)
+
+
+def _headers(request: Request) -> list[Header]:
+    return [
+        (name.lower(), name, value)
+        for name, values in request.requestHeaders.getAllRawHeaders()
+        for value in values
+    ]
+
+
+def _body(request: Request) -> bytes:
+    content = request.content
+    if content is None:
+        return b""
+    content.seek(0)
+    return cast(bytes, content.read())
+
+
+def _arg(request: Request, name: bytes) -> str | None:
+    values = (request.args or {}).get(name)
+    return None if not values else values[-1].decode("utf-8", "replace")
+
+
+def _peer(request: Request) -> str:
+    return getattr(request.getClientAddress(), "host", "") or "unknown"
+
+
+class CollectedResponse:
+    """A ResponseSink that keeps the whole (small) reply: status, headers, body."""
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.headers: list[Header] = []
+        self.parts: list[bytes] = []
+        self.done: Deferred[CollectedResponse] = Deferred()
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.parts)
+
+    def response_head(self, status: int, headers: list[Header]) -> None:
+        self.status, self.headers = status, headers
+
+    def response_body(self, data: bytes) -> None:
+        self.parts.append(data)
+
+    def response_end(self) -> None:
+        self.done.callback(self)
+
+    def response_failed(self, reason: str, started: bool) -> None:
+        self.done.errback(Failure(ConnectionError(reason)))
+
+    def json(self) -> dict[str, Any] | None:
+        if not is_json(self.headers):
+            return None
+        try:
+            data = json.loads(self.body)
+        except ValueError:
+            return None
+        return data if isinstance(data, dict) else None
+
+
+def send_to(
+    pool: BackendPool, target: Target, request: Request, retry_safe: bool
+) -> tuple[Exchange, CollectedResponse]:
+    body = _body(request)
+    head = upstream_head(request.method, request.uri, _headers(request), _peer(request), len(body))
+    sink = CollectedResponse()
+    exchange = pool.send(target.shard.address, head + body, sink, retry_safe)
+    return exchange, sink
+
+
+class ShardProxyResource(ReverseProxyResource):
+    """A ``ReverseProxyResource`` that picks its shard per request (``choose``) and
+    forwards over the persistent backend pool; subclasses decide the shard and may
+    look at the reply (``replied``) before it is relayed."""
+
+    isLeaf = True
+
+    def __init__(self, pool: BackendPool, router: EventRouter) -> None:
+        Resource.__init__(self)
+        self.pool = pool
+        self.router = router
+
+    def choose(self, request: Request) -> Target | Deferred[Target] | bytes:
+        """The target shard, or a complete error body (status already set)."""
+        raise NotImplementedError
+
+    def replied(self, request: Request, target: Target, reply: CollectedResponse) -> object:
+        """Hook on the shard's reply; may return a Deferred to hold the answer."""
+        return None
+
+    def render(self, request: Request) -> bytes | int:
+        if request.method != b"POST":
+            request.responseHeaders.setRawHeaders(b"allow", [b"POST"])
+            return _json_error(request, 405, "Method Not Allowed")
+        if len(_body(request)) > MAX_INTERNAL_BODY:
+            return _json_error(request, 413, "Request body too large")
+        try:
+            chosen = self.choose(request)
+        except NoShard as e:
+            return _json_error(
+                request, 503, f"No shard is available for realm {e}", "SHARD_UNAVAILABLE"
+            )
+        if isinstance(chosen, bytes):
+            return chosen
+        d = chosen if isinstance(chosen, Deferred) else succeed(chosen)
+        d.addCallback(self._forward, request)
+        d.addErrback(self._failed, request)
+        return NOT_DONE_YET
+
+    def _forward(self, target: Target, request: Request) -> Deferred[None]:
+        exchange, reply = send_to(self.pool, target, request, retry_safe=False)
+        request.notifyFinish().addErrback(lambda _: exchange.cancel())
+        reply.done.addCallback(self._relay, request, target)
+        return reply.done.addCallback(lambda _: None)
+
+    def _relay(self, reply: CollectedResponse, request: Request, target: Target) -> Deferred[None]:
+        if reply.json() is None:
+            msg = f"Shard {target.shard.name} sent a reply that is not JSON (status {reply.status})"
+            _finish(request, _json_error(request, 502, msg, "BAD_GATEWAY"))
+            return succeed(None)
+        held = maybeDeferred(self.replied, request, target, reply)
+        held.addErrback(lambda f: log.failure("after a shard reply", f))
+
+        def write(_: object) -> None:
+            request.setResponseCode(reply.status)
+            for _lname, name, value in downstream_headers(reply.headers):
+                request.responseHeaders.addRawHeader(name, value)
+            _finish(request, reply.body)
+
+        return held.addCallback(write)
+
+    def _failed(self, failure: Failure, request: Request) -> None:
+        if isinstance(failure.value, NoShard):
+            msg = f"No shard is available for realm {failure.value}"
+            _finish(request, _json_error(request, 503, msg, "SHARD_UNAVAILABLE"))
+        elif isinstance(failure.value, ConnectionError):
+            log.warn("{e}", e=failure.getErrorMessage())
+            _finish(request, _json_error(request, 502, "Shard is unavailable", "BAD_GATEWAY"))
+        else:
+            log.failure("internal request failed", failure)
+            _finish(request, _json_error(request, 500, "Internal error", "INTERNAL"))
+
+
+def _finish(request: Request, body: bytes) -> None:
+    if request.finished or request.channel is None:
+        return  # the caller went away
+    request.write(body)
+    request.finish()
+
+
+class QueueResource(ShardProxyResource):
+    """``POST /api/v1/events/internal``: Django creates a queue, or fetches from one."""
+
+    def choose(self, request: Request) -> Target | Deferred[Target] | bytes:
+        realm = realm_from_host(request.getHeader(b"host"))
+        queue_id = _arg(request, b"queue_id")
+        if queue_id is not None:
+            if QUEUE_ID.fullmatch(queue_id) is None:
+                request.setResponseCode(400)
+                request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+                return bad_queue_body(queue_id)
+            return self.router.route(queue_id, realm)
+        user = _arg(request, b"user_profile_id")
+        if user is None or not user.isdigit():
+            return _json_error(request, 400, "Missing or bad 'user_profile_id' argument")
+        assignment = self.router.directory.current
+        decision = place_queue(assignment, realm, int(user))
+        if decision is None:
+            raise NoShard(realm)
+        return Target(assignment.shards[decision.shard], decision.reason, None)
+
+    def replied(self, request: Request, target: Target, reply: CollectedResponse) -> object:
+        queue_id = _arg(request, b"queue_id")
+        realm = realm_from_host(request.getHeader(b"host"))
+        if queue_id is not None:
+            self.router.answered(b"GET", queue_id, realm, target, reply.status)
+            return None
+        data = reply.json()
+        new_id = data.get("queue_id") if reply.status == 200 and data else None
+        if not isinstance(new_id, str):
+            return None
+        user = _arg(request, b"user_profile_id")
+        timeout = queue_timeout(_arg(request, b"lifespan_secs"))
+        route = QueueRoute(new_id, target.shard.name, realm, int(user or 0), timeout)
+        log.debug(
+            "queue {q} of {realm} user {u} on {s} ({why})",
+            q=new_id,
+            realm=realm,
+            u=user,
+            s=target.shard.name,
+            why=target.reason,
+        )
+        d = self.router.table.record(route)
+        # Wait briefly for the mapping to be durable, but answer Django in time anyway.
+        clock = self.pool.reactor
+        return d.addTimeout(RECORD_WAIT_SECONDS, clock).addErrback(lambda _: None)
+
+
+class BroadcastResource(Resource):
+    """``POST /api/internal/*``: the same call to every shard, replies combined."""
+
+    isLeaf = True
+
+    def __init__(self, pool: BackendPool, router: EventRouter) -> None:
+        super().__init__()
+        self.pool = pool
+        self.router = router
+
+    def render(self, request: Request) -> bytes | int:
+        if request.method != b"POST":
+            request.responseHeaders.setRawHeaders(b"allow", [b"POST"])
+            return _json_error(request, 405, "Method Not Allowed")
+        if len(_body(request)) > MAX_INTERNAL_BODY:
+            return _json_error(request, 413, "Request body too large")
+        shards = sorted(self.router.directory.current.shards.values(), key=lambda s: s.name)
+        if not shards:
+            return _json_error(request, 503, "No shard is registered", "SHARD_UNAVAILABLE")
+        calls = []
+        for shard in shards:
+            _, reply = send_to(self.pool, Target(shard, Reason.HASH, None), request, False)
+            calls.append(reply.done)
+        DeferredList(calls, consumeErrors=True).addCallback(
+            self._combine, request, [s.name for s in shards]
+        )
+        return NOT_DONE_YET
+
+    def _combine(self, results: list[tuple[bool, Any]], request: Request, names: list[str]) -> None:
+        ok: list[dict[str, Any]] = []
+        failed: list[str] = []
+        first_error: CollectedResponse | None = None
+        for name, (success, reply) in zip(names, results, strict=True):
+            data = reply.json() if success else None
+            if data is not None and reply.status == 200 and data.get("result") == "success":
+                ok.append(data)
+            else:
+                failed.append(name)
+                if success and first_error is None and data is not None:
+                    first_error = reply
+                reason = reply.getErrorMessage() if not success else f"status {reply.status}"
+                log.warn("{path} on shard {s} failed: {r}", path=request.path, s=name, r=reason)
+        if not ok:
+            # Nobody took it: pass on what the shards said (e.g. a bad secret), or 502.
+            if first_error is not None:
+                request.setResponseCode(first_error.status)
+                request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+                _finish(request, first_error.body)
+            else:
+                _finish(request, _json_error(request, 502, "No shard is reachable", "BAD_GATEWAY"))
+            return
+        combined: dict[str, Any] = {"result": "success", "msg": ""}
+        if request.path.endswith(b"/web_reload_clients"):
+            combined["sent_events"] = sum(int(d.get("sent_events", 0)) for d in ok)
+            combined["complete"] = not failed and all(d.get("complete", True) for d in ok)
+        if failed:
+            combined["failed_shards"] = failed
+        request.setResponseCode(200)
+        request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+        _finish(request, json.dumps(combined).encode())
+
+
+class InternalRoot(Resource):
+    """Dispatches the internal listener's few paths; JSON 404 for the rest."""
+
+    isLeaf = True
+
+    def __init__(self, pool: BackendPool, router: EventRouter) -> None:
+        super().__init__()
+        self.queues = QueueResource(pool, router)
+        self.broadcast = BroadcastResource(pool, router)
+
+    def render(self, request: Request) -> bytes | int:
+        path = request.path
+        try:
+            if path == b"/api/v1/events/internal":
+                return self.queues.render(request)
+            if path in (b"/api/internal/notify_tornado", b"/api/internal/web_reload_clients"):
+                return self.broadcast.render(request)
+            return _json_error(request, 404, "Not Found", "NOT_FOUND")
+        except Exception:
+            log.failure("internal request failed")
+            return _json_error(request, 500, "Internal error", "INTERNAL")
+
+
+def internal_site(pool: BackendPool, router: EventRouter) -> Site:
+    site = Site(InternalRoot(pool, router))
+    site.displayTracebacks = False
+    site.noisy = False
+    # No access log line per internal call: at Zulip's rate of queue creation it is noise.
+    site.log = lambda request: None  # type: ignore[method-assign]
+    return site

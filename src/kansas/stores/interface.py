@@ -1,0 +1,73 @@
+"""The two stores kansas keeps, each behind one interface with several backends.
+
+* ``IRouteStore``: the queue -> shard table (Redis in production). Asynchronous: the
+  proxy consults it when its in-process cache misses.
+* ``IAuthority``: the shard assignments (PostgreSQL in production). Synchronous: the
+  operator CLI calls it directly and kansas loads snapshots of it in a thread, never
+  on the request path.
+
+Each has an in-memory reference implementation and one contract-test mixin
+(``tests/test_store_contracts.py``) run against every backend.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred
+from zope.interface import Attribute, Interface
+
+from kansas.model import Assignment, QueueRoute, Shard
+
+#: How much longer than the shard's own idle timeout a queue mapping lives. kansas
+#: refreshes a mapping at most once a minute per queue, so it always outlives its queue.
+ROUTE_SLACK_SECONDS = 180
+
+
+class IRouteStore(Interface):
+    def get(queue_id: str) -> Deferred[QueueRoute | None]:
+        """The route of a queue, or None if none is recorded (or it expired)."""
+
+    def put(route: QueueRoute) -> Deferred[None]:
+        """Record a route; it expires ``route.timeout + ROUTE_SLACK_SECONDS`` from now."""
+
+    def touch(route: QueueRoute) -> Deferred[None]:
+        """Push a route's expiry back to ``route.timeout + ROUTE_SLACK_SECONDS`` from now."""
+
+    def delete(queue_id: str) -> Deferred[None]:
+        """Forget a queue (no error if it is unknown)."""
+
+    def routes(realm: str | None = None) -> Deferred[list[QueueRoute]]:
+        """Every recorded route (of one realm), for operators; not for the request path."""
+
+    def close() -> Deferred[None]:
+        """Release connections."""
+
+
+class IAuthority(Interface):
+    description = Attribute("Where the authority lives, for messages (no password).")
+
+    def schema_version() -> int:
+        """The schema version in place (0: none)."""
+
+    def migrate() -> int:
+        """Bring the schema to the current version; returns the version now in place."""
+
+    def load() -> Assignment:
+        """A consistent snapshot of every shard, realm pin and user override."""
+
+    def add_shard(name: str, url: str, weight: int) -> Shard:
+        """Register a shard (KansasError if the name is taken)."""
+
+    def list_shards() -> list[Shard]:
+        """Every registered shard, by name."""
+
+    def pin_realm(realm: str, shard: str) -> None:
+        """Pin a realm to a shard (UnknownShard if it is not registered)."""
+
+    def unpin_realm(realm: str) -> bool:
+        """Remove a realm's pin; False if it had none."""
+
+    def move_user(realm: str, user_id: int, shard: str) -> None:
+        """Send a user's new queues to a shard, whatever the realm's placement."""
+
+    def close() -> None:
+        """Release the connection."""

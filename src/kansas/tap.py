@@ -1,0 +1,143 @@
+"""``twistd kansas``: command-line options and the wiring of one kansas process.
+
+Everything here is wiring; the behaviour lives in the modules it connects.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.python import usage
+
+from kansas.errors import ConfigError, KansasError
+from kansas.follower import AssignmentFollower
+from kansas.proxy.backend import BackendPool
+from kansas.proxy.forwarding import EventRouter
+from kansas.proxy.front import FrontFactory
+from kansas.proxy.resource import internal_site
+from kansas.routes import RouteTable
+from kansas.stores.postgres import PostgresAuthority, describe_dsn
+from kansas.stores.redis import RedisRouteStore, parse_redis_url
+
+log = Logger()
+
+
+def _positive(value: str) -> float:
+    number = float(value)
+    if number <= 0:
+        raise ValueError(f"{value} is not > 0")
+    return number
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Routes Zulip's event-queue traffic to the Tornado shard that owns each queue. "
+        "PostgreSQL holds the shard assignments (set them with kansas-ctl); Redis holds "
+        "the queue -> shard table."
+    )
+    optParameters = [
+        ["listen", None, "tcp:9799:interface=127.0.0.1",
+         "Public endpoint (nginx sends /json/events and /api/v1/events here)."],
+        ["internal-listen", None, "tcp:9798:interface=127.0.0.1",
+         "Internal endpoint (Django's queue creation and notifications)."],
+        ["redis", None, os.environ.get("KANSAS_REDIS", "redis://127.0.0.1:6379/0"),
+         "Redis URL of the queue -> shard table [env KANSAS_REDIS]."],
+        ["postgres", None, os.environ.get("KANSAS_POSTGRES"),
+         "PostgreSQL DSN of the shard assignments [env KANSAS_POSTGRES]."],
+        ["backend-timeout", None, 150.0,
+         "Seconds a shard may take to answer (long-polls end within ~55 s).", _positive],
+        ["connect-timeout", None, 5.0, "Seconds to connect to a shard.", _positive],
+        ["redis-timeout", None, 1.0, "Seconds any Redis call may take.", _positive],
+        ["idle-timeout", None, 75.0, "Seconds an idle client connection is kept.", _positive],
+        ["reload-interval", None, 60.0,
+         "Seconds between safety-net reloads of the assignment.", _positive],
+    ]  # fmt: skip
+
+    def postOptions(self) -> None:
+        if not self["postgres"]:
+            raise usage.UsageError("--postgres DSN is required (or set KANSAS_POSTGRES)")
+        try:
+            describe_dsn(self["postgres"])
+            parse_redis_url(self["redis"])
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+        from twisted.internet import reactor
+
+        for option in ("listen", "internal-listen"):
+            try:
+                serverFromString(reactor, self[option])
+            except (ValueError, TypeError, KeyError) as e:
+                raise usage.UsageError(f"bad --{option} endpoint {self[option]!r}: {e}") from None
+
+
+class KansasService(MultiService):
+    """The listeners and the follower, plus the clean-up of shared connections."""
+
+    def __init__(self, table: RouteTable, pool: BackendPool, authority: PostgresAuthority):
+        super().__init__()
+        self.table = table
+        self.pool = pool
+        self.authority = authority
+
+    def stopService(self) -> Deferred[Any]:
+        stopping = MultiService.stopService(self)
+
+        def cleanup(result: object) -> Deferred[Any]:
+            self.pool.close()
+            self.authority.close()
+            return self.table.store.close()
+
+        return DeferredList([stopping]).addCallback(cleanup)
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    dsn = options["postgres"]
+    authority = PostgresAuthority(dsn)
+    try:
+        authority.require_current_schema()
+        initial = authority.load()
+    except KansasError as e:
+        # twistd shows a SystemExit's message as one line and exits non-zero.
+        raise SystemExit(f"kansas: {e}") from None
+    if not initial.shards:
+        log.warn("no shards registered yet: add them with `kansas-ctl shard add`")
+
+    store = RedisRouteStore(parse_redis_url(options["redis"]), reactor, options["redis-timeout"])
+    table = RouteTable(store, reactor)
+    follower = AssignmentFollower(
+        reactor, dsn, authority.load, initial, reload_interval=options["reload-interval"]
+    )
+    router = EventRouter(table, follower)
+    pool = BackendPool(
+        reactor,
+        connect_timeout=options["connect-timeout"],
+        response_timeout=options["backend-timeout"],
+    )
+
+    service = KansasService(table, pool, authority)
+    follower.setServiceParent(service)
+    listeners = [
+        (options["listen"], FrontFactory(router, pool, reactor, options["idle-timeout"])),
+        (options["internal-listen"], internal_site(pool, router)),
+    ]
+    for description, factory in listeners:
+        listener = StreamServerEndpointService(serverFromString(reactor, description), factory)
+        listener._raiseSynchronously = True  # a port in use stops twistd with a clear error
+        listener.setServiceParent(service)
+    log.info(
+        "kansas: public {pub}, internal {internal}, redis {redis}, postgres {pg}, {n} shards",
+        pub=options["listen"], internal=options["internal-listen"],
+        redis=store.address, pg=authority.description, n=len(initial.shards),
+    )  # fmt: skip
+    return service

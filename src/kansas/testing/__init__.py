@@ -1,0 +1,1 @@
+"""Public helpers for testing kansas and things built on it: private real servers."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -138,12 +139,16 @@ def _print_shards(authority: IAuthority, out: Any) -> None:
 
 
 def _read_queues(redis_url: str, realm: str | None) -> list[QueueRoute]:
-    from twisted.internet import task
+    from twisted.internet import defer, task
     from twisted.internet.defer import ensureDeferred
 
     from kansas.stores.redis import RedisRouteStore, parse_redis_url
 
     address = parse_redis_url(redis_url)
+    try:  # fail fast and plainly, before txredisapi starts reconnecting in the background
+        socket.create_connection((address.host, address.port), timeout=5).close()
+    except OSError as e:
+        raise KansasError(f"cannot reach Redis ({address}): {e.strerror or e}") from None
     found: list[QueueRoute] = []
     failure: list[str] = []
 
@@ -151,8 +156,10 @@ def _read_queues(redis_url: str, realm: str | None) -> list[QueueRoute]:
         store = RedisRouteStore(address, reactor, call_timeout=5.0, poolsize=1)
         try:
             found.extend(await store.routes(realm.lower() if realm else None))
+        except defer.TimeoutError:
+            failure.append(f"cannot read queues from Redis ({address}): no answer in 5 s")
         except Exception as e:
-            failure.append(f"cannot read queues from Redis ({address}): {e or type(e).__name__}")
+            failure.append(f"cannot read queues from Redis ({address}): {e}")
         finally:
             await store.close()
 

@@ -6,7 +6,7 @@ Everything here is wiring; the behaviour lives in the modules it connects.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, NoReturn
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
@@ -62,19 +62,24 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         if not self["postgres"]:
-            raise usage.UsageError("--postgres DSN is required (or set KANSAS_POSTGRES)")
+            _fail("--postgres DSN is required (or set KANSAS_POSTGRES)")
         try:
             describe_dsn(self["postgres"])
             parse_redis_url(self["redis"])
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            _fail(str(e))
         from twisted.internet import reactor
 
         for option in ("listen", "internal-listen"):
             try:
                 serverFromString(reactor, self[option])
             except (ValueError, TypeError, KeyError) as e:
-                raise usage.UsageError(f"bad --{option} endpoint {self[option]!r}: {e}") from None
+                _fail(f"bad --{option} endpoint {self[option]!r}: {e}")
+
+
+def _fail(message: str) -> NoReturn:
+    # One line on stderr and exit 1, rather than twistd's whole usage text.
+    raise SystemExit(f"twistd kansas: {message}")
 
 
 class KansasService(MultiService):
@@ -108,8 +113,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         authority.require_current_schema()
         initial = authority.load()
     except KansasError as e:
-        # twistd shows a SystemExit's message as one line and exits non-zero.
-        raise SystemExit(f"kansas: {e}") from None
+        _fail(str(e))
     if not initial.shards:
         log.warn("no shards registered yet: add them with `kansas-ctl shard add`")
 

@@ -74,7 +74,9 @@ class RedisRouteStore:
         self._redis = txredisapi.lazyConnectionPool(
             host=address.host,
             port=address.port,
-            dbid=address.db,
+            # No SELECT for db 0: txredisapi stops reconnecting for good if the
+            # SELECT (or AUTH) of a new connection fails, e.g. while Redis restarts.
+            dbid=address.db or None,
             poolsize=poolsize,
             password=address.password,
             username=address.username,

@@ -1,0 +1,218 @@
+"""One contract per store interface, run against every backend.
+
+The in-memory stores are the reference; Redis and PostgreSQL run as real private
+servers (see conftest.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import pytest_twisted
+from twisted.internet.task import Clock
+from zope.interface.verify import verifyObject
+
+from kansas.errors import KansasError, SchemaError, UnknownShard
+from kansas.model import Assignment, QueueRoute, Shard
+from kansas.schema import SCHEMA_VERSION
+from kansas.stores.interface import ROUTE_SLACK_SECONDS, IAuthority, IRouteStore
+from kansas.stores.memory import MemoryAuthority, MemoryRouteStore
+from kansas.stores.postgres import PostgresAuthority
+from kansas.stores.redis import KEY_PREFIX, RedisRouteStore, parse_redis_url
+from tests.conftest import redis_command
+
+A = QueueRoute("0b6e7c1e-0000-4000-8000-000000000001", "a", "one.example.com", 7, 600)
+B = QueueRoute("0b6e7c1e-0000-4000-8000-000000000002", "b", "two.example.com", None, 3600)
+C = QueueRoute("007", "a", "one.example.com", 8, 600)  # numeric-looking ids stay text
+
+
+class RouteStoreContract:
+    """Every IRouteStore: put/get/delete, listing, text stays text."""
+
+    def test_provides_interface(self, store: IRouteStore) -> None:
+        assert verifyObject(IRouteStore, store)
+
+    @pytest_twisted.ensureDeferred
+    async def test_put_get_delete(self, store: IRouteStore) -> None:
+        assert await store.get(A.queue_id) is None
+        await store.put(A)
+        await store.put(B)
+        assert await store.get(A.queue_id) == A
+        assert await store.get(B.queue_id) == B
+        await store.delete(A.queue_id)
+        assert await store.get(A.queue_id) is None
+        await store.delete("never-there")  # no error
+
+    @pytest_twisted.ensureDeferred
+    async def test_overwrite_and_touch(self, store: IRouteStore) -> None:
+        await store.put(A)
+        moved = QueueRoute(A.queue_id, "b", A.realm, A.user_id, A.timeout)
+        await store.put(moved)
+        await store.touch(moved)
+        await store.touch(B)  # unknown: no error, nothing created
+        assert await store.get(A.queue_id) == moved
+        assert await store.get(B.queue_id) is None
+
+    @pytest_twisted.ensureDeferred
+    async def test_routes_by_realm(self, store: IRouteStore) -> None:
+        for route in (A, B, C):
+            await store.put(route)
+        assert await store.routes() == sorted([A, B, C], key=lambda r: (r.realm, r.queue_id))
+        assert await store.routes("one.example.com") == [C, A]
+        assert await store.routes("nowhere") == []
+
+
+class TestMemoryRouteStore(RouteStoreContract):
+    @pytest.fixture
+    def store(self) -> MemoryRouteStore:
+        return MemoryRouteStore(Clock())
+
+    @pytest_twisted.ensureDeferred
+    async def test_expiry_follows_timeout_plus_slack(self) -> None:
+        clock = Clock()
+        store = MemoryRouteStore(clock)
+        await store.put(A)
+        clock.advance(A.timeout + ROUTE_SLACK_SECONDS - 1)
+        await store.touch(A)
+        clock.advance(A.timeout + ROUTE_SLACK_SECONDS - 1)
+        assert await store.get(A.queue_id) == A
+        clock.advance(1)
+        assert await store.get(A.queue_id) is None
+
+
+class TestRedisRouteStore(RouteStoreContract):
+    @pytest.fixture
+    def store(self, redis_url: str) -> Iterator[RedisRouteStore]:
+        from twisted.internet import reactor
+
+        store = RedisRouteStore(parse_redis_url(redis_url), reactor)
+        yield store
+        pytest_twisted.blockon(store.close())
+
+    @pytest_twisted.ensureDeferred
+    async def test_operator_can_read_it_and_it_expires(
+        self, store: RedisRouteStore, redis_server: object
+    ) -> None:
+        await store.put(B)
+        raw = redis_command(redis_server, "GET", KEY_PREFIX + B.queue_id)  # type: ignore[arg-type]
+        assert b'"shard":"b"' in raw and b'"realm":"two.example.com"' in raw
+        ttl = int(redis_command(redis_server, "TTL", KEY_PREFIX + B.queue_id)[1:])  # type: ignore[arg-type]
+        assert B.timeout < ttl <= B.timeout + ROUTE_SLACK_SECONDS
+
+    @pytest_twisted.ensureDeferred
+    async def test_dead_redis_fails_fast(self) -> None:
+        from twisted.internet import defer, reactor
+
+        from kansas.testing.servers import free_port
+
+        dead = RedisRouteStore(parse_redis_url(f"redis://127.0.0.1:{free_port()}"), reactor, 0.3)
+        try:
+            with pytest.raises(defer.TimeoutError):
+                await dead.get("x")
+        finally:
+            await dead.close()
+
+
+def test_redis_url_parsing() -> None:
+    address = parse_redis_url("redis://:s3cret@10.0.0.1:6380/2")
+    assert (address.host, address.port, address.db, address.password) == (
+        "10.0.0.1",
+        6380,
+        2,
+        "s3cret",
+    )
+    assert "s3cret" not in str(address)
+    for bad in ("http://x", "redis://", "redis://h/db", "redis://h:notaport"):
+        with pytest.raises(KansasError):
+            parse_redis_url(bad)
+
+
+class AuthorityContract:
+    """Every IAuthority: schema, shards, pins, overrides, snapshots."""
+
+    def test_provides_interface(self, authority: IAuthority) -> None:
+        assert verifyObject(IAuthority, authority)
+
+    def test_migrate_is_idempotent(self, authority: IAuthority) -> None:
+        assert authority.migrate() == SCHEMA_VERSION
+        assert authority.migrate() == SCHEMA_VERSION
+        assert authority.schema_version() == SCHEMA_VERSION
+
+    def test_shards_pins_overrides(self, authority: IAuthority) -> None:
+        authority.migrate()
+        assert authority.load() == Assignment()
+        authority.add_shard("b", "http://127.0.0.1:9801", 50)
+        authority.add_shard("a", "http://127.0.0.1:9800", 100)
+        with pytest.raises(KansasError, match="already exists"):
+            authority.add_shard("a", "http://127.0.0.1:9802", 1)
+        for name, url, weight in (("", "http://h:1", 1), ("x y", "http://h:1", 1),
+                                  ("c", "ftp://h", 1), ("c", "http://h:1", -1)):  # fmt: skip
+            with pytest.raises(KansasError):
+                authority.add_shard(name, url, weight)
+        assert [s.name for s in authority.list_shards()] == ["a", "b"]
+        authority.pin_realm("big.example.com", "a")
+        authority.pin_realm("big.example.com", "b")  # re-pin replaces
+        authority.move_user("big.example.com", 42, "a")
+        with pytest.raises(UnknownShard):
+            authority.pin_realm("x", "nope")
+        with pytest.raises(UnknownShard):
+            authority.move_user("x", 1, "nope")
+        assert authority.load() == Assignment(
+            {
+                "a": Shard("a", "http://127.0.0.1:9800", 100),
+                "b": Shard("b", "http://127.0.0.1:9801", 50),
+            },
+            {"big.example.com": "b"},
+            {("big.example.com", 42): "a"},
+        )
+        assert authority.unpin_realm("big.example.com") is True
+        assert authority.unpin_realm("big.example.com") is False
+        assert authority.load().realm_pins == {}
+
+
+class TestMemoryAuthority(AuthorityContract):
+    @pytest.fixture
+    def authority(self) -> MemoryAuthority:
+        return MemoryAuthority()
+
+
+class TestPostgresAuthority(AuthorityContract):
+    @pytest.fixture
+    def authority(self, postgres_dsn: str) -> Iterator[PostgresAuthority]:
+        authority = PostgresAuthority(postgres_dsn)
+        yield authority
+        authority.close()
+
+    def test_refuses_old_schema_with_a_clear_message(self, authority: PostgresAuthority) -> None:
+        with pytest.raises(SchemaError, match="kansas-ctl --postgres DSN migrate"):
+            authority.require_current_schema()
+        authority.migrate()
+        authority.require_current_schema()
+
+    def test_unreachable_database_is_one_line(self) -> None:
+        from kansas.testing.servers import free_port
+
+        dead = PostgresAuthority(
+            f"host=127.0.0.1 port={free_port()} dbname=x user=postgres password=pw"
+        )
+        with pytest.raises(KansasError) as caught:
+            dead.schema_version()
+        assert "cannot reach PostgreSQL" in str(caught.value) and "\n" not in str(caught.value)
+        assert "pw" not in str(caught.value)
+
+    def test_survives_a_dropped_connection(
+        self, authority: PostgresAuthority, postgres_dsn: str
+    ) -> None:
+        import psycopg2
+
+        authority.migrate()
+        admin = psycopg2.connect(postgres_dsn)
+        admin.autocommit = True
+        with admin.cursor() as cur:
+            cur.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = 'kansas' AND datname = current_database()"
+            )
+        admin.close()
+        assert authority.list_shards() == []  # reconnected

@@ -5,7 +5,10 @@ BIN := $(VENV)/bin
 # The checkout on sys.path lets twistd find twisted/plugins/kansas_plugin.py.
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: test lint typecheck unit run bench clean
+.PHONY: test lint typecheck suite run bench clean system-deps
+
+system-deps:
+	@scripts/system-deps.sh
 
 $(BIN)/.installed: setup.cfg setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +16,7 @@ $(BIN)/.installed: setup.cfg setup.py pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-test: lint typecheck unit
+test: lint typecheck suite
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests twisted bench
@@ -22,13 +25,13 @@ lint: $(BIN)/.installed
 typecheck: $(BIN)/.installed
 	$(BIN)/mypy
 
-unit: $(BIN)/.installed
+suite: $(BIN)/.installed system-deps
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
-run: $(BIN)/.installed
+run: $(BIN)/.installed system-deps
 	$(BIN)/python -m kansas.demo.stack
 
-bench: $(BIN)/.installed
+bench: $(BIN)/.installed system-deps
 	$(BIN)/python bench/first_figure.py
 
 format: $(BIN)/.installed

@@ -309,7 +309,7 @@ class BroadcastResource(Resource):
             combined["failed_shards"] = failed
         request.setResponseCode(200)
         request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
-        _finish(request, json.dumps(combined).encode())
+        _finish(request, json.dumps(combined, separators=(",", ":")).encode())
 
 
 class InternalRoot(Resource):

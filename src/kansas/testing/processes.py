@@ -55,6 +55,9 @@ class Child:
             start_new_session=True,
         )
 
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
@@ -105,13 +108,21 @@ class Child:
 
 
 class DemoShardProcess(Child):
-    def __init__(self, name: str, log_dir: Path, secret: str, heartbeat: float = 50.0) -> None:
-        self.port = free_port()
+    def __init__(
+        self,
+        name: str,
+        log_dir: Path,
+        secret: str,
+        heartbeat: float | None = None,
+        port: int | None = None,
+    ) -> None:
+        self.port = port or free_port()
         self.secret = secret
         self.state_file = log_dir / f"{name}.state.json"
         argv = [sys.executable, "-m", "kansas.demo.shard", "--port", str(self.port)]
         argv += ["--name", name, "--secret", secret, "--state-file", str(self.state_file)]
-        argv += ["--heartbeat", str(heartbeat)]
+        if heartbeat is not None:
+            argv += ["--heartbeat", str(heartbeat)]
         super().__init__(name, argv, log_dir)
 
     @property
@@ -120,6 +131,7 @@ class DemoShardProcess(Child):
 
     def start(self) -> DemoShardProcess:
         offset = len(self.log_text())
+        self.argv[self.argv.index("--state-file") + 1] = str(self.state_file)
         self.spawn()
         self.wait_for(r"listening on 127\.0\.0\.1:\d+", after=offset)
         return self
@@ -135,9 +147,11 @@ class KansasProcess(Child):
         redis: str,
         extra: list[str] | None = None,
         name: str = "kansas",
+        public_port: int | None = None,
+        internal_port: int | None = None,
     ) -> None:
-        self.public_port = free_port()
-        self.internal_port = free_port()
+        self.public_port = public_port or free_port()
+        self.internal_port = internal_port or free_port()
         twistd = str(Path(sys.executable).with_name("twistd"))
         argv = [twistd, "-n", "--pidfile=", "--logfile=-", "kansas"]
         argv += ["--listen", f"tcp:{self.public_port}:interface=127.0.0.1"]

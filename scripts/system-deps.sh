@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs the Debian packages kansas's tests and demo need (redis-server, PostgreSQL),
+# if they are missing. Needs root (or sudo) for apt-get; says what to do otherwise.
+set -euo pipefail
+
+need=()
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+[ ${#need[@]} -eq 0 ] && exit 0
+
+if [ "$(id -u)" = 0 ]; then
+  sudo=""
+elif command -v sudo >/dev/null 2>&1; then
+  sudo="sudo"
+else
+  echo "kansas needs: ${need[*]} (apt-get install ${need[*]})" >&2
+  exit 1
+fi
+echo "installing ${need[*]} ..."
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null

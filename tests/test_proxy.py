@@ -1,0 +1,328 @@
+"""The hot path without sockets: FrontProtocol and BackendPool on a MemoryReactorClock.
+
+Client and shard connections are StringTransports; the test plays the shard.
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+
+from kansas.model import Assignment, QueueRoute, Shard
+from kansas.proxy.backend import BackendConnection, BackendPool
+from kansas.proxy.forwarding import EventRouter
+from kansas.proxy.front import FrontFactory, FrontProtocol
+from kansas.routes import RouteTable
+from kansas.stores.memory import MemoryRouteStore
+
+Q1 = "5b0c6c58-1f8c-4c57-9a4a-000000000001"
+REALM = "chat.example.com"
+OK = b'{"result":"success","msg":"","events":[]}'
+
+
+def ok_reply(body: bytes = OK, extra: bytes = b"") -> bytes:
+    return (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n%sContent-Length: %d\r\n\r\n%s"
+        % (extra, len(body), body)
+    )
+
+
+class Harness:
+    def __init__(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.store = MemoryRouteStore(self.reactor)
+        self.table = RouteTable(self.store, self.reactor)
+        shards = {
+            "a": Shard("a", "http://127.0.0.1:9800"),
+            "b": Shard("b", "http://127.0.0.1:9801"),
+        }
+        self.directory = SimpleNamespace(current=Assignment(shards, {REALM: "b"}))
+        self.router = EventRouter(self.table, self.directory)  # type: ignore[arg-type]
+        self.pool = BackendPool(self.reactor)
+        self.front = FrontFactory(self.router, self.pool, self.reactor)
+        self.connected = 0
+
+    def client(self) -> tuple[FrontProtocol, StringTransport]:
+        proto = self.front.buildProtocol(None)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "10.1.2.3", 5555))
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def shard_connection(self, port: int) -> tuple[BackendConnection, StringTransport]:
+        """Accept the newest connection kansas opened (it must be to ``port``)."""
+        assert len(self.reactor.tcpClients) > self.connected, "kansas opened no connection"
+        host, got_port, factory, _timeout, _bind = self.reactor.tcpClients[self.connected]
+        self.connected += 1
+        assert (host, got_port) == ("127.0.0.1", port)
+        conn = factory.buildProtocol(None)
+        transport = StringTransport()
+        conn.makeConnection(transport)
+        return conn, transport
+
+    def route(self, queue_id: str = Q1, shard: str = "a") -> None:
+        self.store.put(QueueRoute(queue_id, shard, REALM, 1, 600))
+
+
+def get(queue_id: str = Q1, version: bytes = b"1.1", extra: bytes = b"") -> bytes:
+    return (
+        b"GET /json/events?queue_id=%s&last_event_id=-1 HTTP/%s\r\nHost: Chat.Example.com\r\n"
+        b"X-Real-Ip: 6.6.6.6\r\n%s\r\n" % (queue_id.encode(), version, extra)
+    )
+
+
+def status_and_json(raw: bytes) -> tuple[int, Any]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), json.loads(body)
+
+
+@pytest.fixture
+def h() -> Harness:
+    return Harness()
+
+
+def test_relays_by_mapping_and_reuses_the_shard_connection(h: Harness) -> None:
+    h.route()
+    client, ct = h.client()
+    client.dataReceived(get())
+    conn, st = h.shard_connection(9800)
+    sent = st.value()
+    assert sent.startswith(
+        b"GET /json/events?queue_id=%s&last_event_id=-1 HTTP/1.1\r\n" % Q1.encode()
+    )
+    assert b"X-Real-Ip: 10.1.2.3\r\n" in sent and b"6.6.6.6" not in sent
+    assert b"Host: Chat.Example.com\r\n" in sent
+    conn.dataReceived(ok_reply(extra=b"Connection: keep-alive\r\nKeep-Alive: timeout=5\r\n"))
+    out = ct.value()
+    assert out.startswith(b"HTTP/1.1 200 OK\r\n") and out.endswith(OK)
+    assert b"Keep-Alive" not in out and b"Connection" not in out
+    assert h.pool.idle_count(("127.0.0.1", 9800)) == 1
+
+    ct.clear()
+    st.clear()
+    client.dataReceived(get())
+    assert len(h.reactor.tcpClients) == 1  # reused, no new connection
+    assert st.value().startswith(b"GET ")
+    conn.dataReceived(ok_reply())
+    assert ct.value().endswith(OK)
+    assert not ct.disconnecting
+
+
+def test_a_client_leaving_aborts_its_long_poll_upstream(h: Harness) -> None:
+    h.route()
+    client, _ct = h.client()
+    client.dataReceived(get())
+    conn, st = h.shard_connection(9800)
+    client.connectionLost(Failure(ConnectionDone()))
+    assert st.disconnected  # aborted: the shard frees the parked request
+    conn.connectionLost(Failure(ConnectionDone()))
+    assert h.pool.idle_count() == 0 and not h.pool._busy
+
+
+def test_unknown_queue_goes_to_the_realm_home_and_is_recorded(h: Harness) -> None:
+    client, ct = h.client()
+    client.dataReceived(get())
+    conn, _ = h.shard_connection(9801)  # the realm is pinned to b
+    conn.dataReceived(ok_reply())
+    assert ct.value().endswith(OK)
+    recorded = h.store.get(Q1).result
+    assert recorded == QueueRoute(Q1, "b", REALM, None, 600)
+
+
+def test_an_unknown_queue_the_shard_rejects_is_not_recorded(h: Harness) -> None:
+    client, ct = h.client()
+    client.dataReceived(get())
+    conn, _ = h.shard_connection(9801)
+    body = json.dumps({"result": "error", "msg": f"Bad event queue ID: {Q1}",
+                       "code": "BAD_EVENT_QUEUE_ID", "queue_id": Q1}).encode()  # fmt: skip
+    conn.dataReceived(ok_reply(body).replace(b"200 OK", b"400 Bad Request"))
+    assert status_and_json(ct.value())[1]["code"] == "BAD_EVENT_QUEUE_ID"
+    assert h.store.get(Q1).result is None
+
+
+def test_delete_forgets_the_mapping(h: Harness) -> None:
+    h.route()
+    client, ct = h.client()
+    body = b"queue_id=" + Q1.encode()
+    client.dataReceived(
+        b"DELETE /api/v1/events HTTP/1.1\r\nHost: chat.example.com\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: %d\r\n\r\n%s"
+        % (len(body), body)
+    )
+    conn, st = h.shard_connection(9800)
+    assert st.value().endswith(b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    conn.dataReceived(ok_reply(b'{"result":"success","msg":""}'))
+    assert status_and_json(ct.value())[0] == 200
+    assert h.store.get(Q1).result is None and h.table.cached(Q1) is None
+
+
+def test_unreachable_shard_is_a_json_502(h: Harness) -> None:
+    h.route()
+    client, ct = h.client()
+    client.dataReceived(get())
+    _host, _port, factory, _t, _b = h.reactor.tcpClients[0]
+    factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+    status, body = status_and_json(ct.value())
+    assert status == 502 and body["code"] == "BAD_GATEWAY" and "a" in body["msg"]
+    assert not ct.disconnecting  # the client's connection stays usable
+
+
+def test_non_json_reply_is_replaced_and_its_connection_dropped(h: Harness) -> None:
+    h.route()
+    client, ct = h.client()
+    client.dataReceived(get())
+    conn, st = h.shard_connection(9800)
+    conn.dataReceived(
+        b"HTTP/1.1 500 Oops\r\nContent-Type: text/html\r\nContent-Length: 5\r\n\r\n<b>x"
+    )
+    status, body = status_and_json(ct.value())
+    assert status == 502 and "not JSON" in body["msg"]
+    assert st.disconnected
+
+
+def test_garbage_from_the_shard_is_a_502(h: Harness) -> None:
+    h.route()
+    client, ct = h.client()
+    client.dataReceived(get())
+    conn, st = h.shard_connection(9800)
+    conn.dataReceived(b"\x00\x01garbage\r\n\r\n")
+    assert status_and_json(ct.value())[0] == 502 and st.disconnected
+
+
+def test_shard_that_hangs_is_cut_at_the_backend_timeout(h: Harness) -> None:
+    h.route()
+    client, ct = h.client()
+    client.dataReceived(get())
+    _conn, st = h.shard_connection(9800)
+    h.reactor.advance(149)
+    assert ct.value() == b""
+    h.reactor.advance(1)
+    assert status_and_json(ct.value())[0] == 502 and st.disconnected
+
+
+def test_failure_mid_response_cuts_the_client(h: Harness) -> None:
+    h.route()
+    client, ct = h.client()
+    client.dataReceived(get())
+    conn, _ = h.shard_connection(9800)
+    conn.dataReceived(ok_reply()[:-5])
+    conn.connectionLost(Failure(ConnectionDone()))
+    assert ct.disconnected
+
+
+def test_chunked_reply_rechunked_for_11_and_closed_for_10(h: Harness) -> None:
+    h.route()
+    chunked = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b'3\r\n{"a\r\n5\r\n":1}\n\r\n0\r\n\r\n'
+    )
+    client, ct = h.client()
+    client.dataReceived(get())
+    conn, _ = h.shard_connection(9800)
+    conn.dataReceived(chunked)
+    assert ct.value().endswith(
+        b'Transfer-Encoding: chunked\r\n\r\n3\r\n{"a\r\n5\r\n":1}\n\r\n0\r\n\r\n'
+    )
+    old, ot = h.client()
+    old.dataReceived(get(version=b"1.0"))
+    conn.dataReceived(chunked)  # the idle connection is reused
+    out = ot.value()
+    assert b"Connection: close\r\n" in out and out.endswith(b'\r\n\r\n{"a":1}\n')
+    assert ot.disconnecting
+
+
+def test_stale_kept_alive_connection_is_retried_once(h: Harness) -> None:
+    h.route()
+    client, ct = h.client()
+    client.dataReceived(get())
+    conn, _ = h.shard_connection(9800)
+    conn.dataReceived(ok_reply())
+    ct.clear()
+    client.dataReceived(get())  # goes out on the idle connection ...
+    conn.connectionLost(Failure(ConnectionDone()))  # ... which the shard had closed
+    conn2, st2 = h.shard_connection(9800)
+    assert st2.value().startswith(b"GET ")
+    conn2.dataReceived(ok_reply())
+    assert ct.value().endswith(OK)
+
+
+def test_pipelined_requests_answer_in_order(h: Harness) -> None:
+    h.route()
+    client, ct = h.client()
+    client.dataReceived(get() + b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n")
+    conn, _ = h.shard_connection(9800)
+    assert ct.value() == b""  # the 404 waits for the first answer
+    conn.dataReceived(ok_reply())
+    first, second = ct.value().split(b"HTTP/1.1 ")[1:]
+    assert first.startswith(b"200") and second.startswith(b"404")
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "code"),
+    [
+        (b"GET /json/events HTTP/1.1\r\nHost: x\r\n\r\n", 400, "BAD_REQUEST"),
+        (
+            b"GET /json/events?queue_id=%3Cx%3E HTTP/1.1\r\nHost: x\r\n\r\n",
+            400,
+            "BAD_EVENT_QUEUE_ID",
+        ),
+        (
+            b"GET /json/events?queue_id=abc&last_event_id=1x HTTP/1.1\r\nHost: x\r\n\r\n",
+            400,
+            "BAD_REQUEST",
+        ),
+        (b"GET /json/events?queue_id=abc HTTP/1.1\r\n\r\n", 400, "BAD_REQUEST"),
+        (b"PUT /json/events?queue_id=abc HTTP/1.1\r\nHost: x\r\n\r\n", 405, "BAD_REQUEST"),
+        (b"POST /api/v1/events/internal HTTP/1.1\r\nHost: x\r\n\r\n", 403, "UNAUTHORIZED"),
+        (b"GET /api/internal/notify_tornado HTTP/1.1\r\nHost: x\r\n\r\n", 403, "UNAUTHORIZED"),
+        (b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", 404, "NOT_FOUND"),
+        (b"DELETE /json/events HTTP/1.1\r\nContent-Length: 999999\r\n\r\n", 413, "BAD_REQUEST"),
+        (b"\x16\x03\x01garbage\r\n\r\n", 400, "BAD_REQUEST"),
+    ],
+)
+def test_bad_requests_get_json_errors(h: Harness, raw: bytes, status: int, code: str) -> None:
+    client, ct = h.client()
+    client.dataReceived(raw)
+    got_status, body = status_and_json(ct.value())
+    assert (got_status, body["result"], body["code"]) == (status, "error", code)
+    assert h.reactor.tcpClients == []
+
+
+def test_no_shard_for_the_realm_is_503(h: Harness) -> None:
+    h.directory.current = Assignment()
+    client, ct = h.client()
+    client.dataReceived(get())
+    status, body = status_and_json(ct.value())
+    assert status == 503 and body["code"] == "SHARD_UNAVAILABLE"
+
+
+def test_expect_continue(h: Harness) -> None:
+    h.route()
+    client, ct = h.client()
+    client.dataReceived(
+        b"DELETE /json/events HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(b"queue_id=" + Q1.encode())
+    )
+    assert ct.value() == b"HTTP/1.1 100 Continue\r\n\r\n"
+    client.dataReceived(b"queue_id=" + Q1.encode())
+    _conn, st = h.shard_connection(9800)
+    assert b"Expect" not in st.value()
+
+
+def test_idle_and_slow_connections_are_reaped_busy_ones_are_not(h: Harness) -> None:
+    h.route()
+    h.front.startFactory()
+    _idle, it = h.client()
+    slow, slt = h.client()
+    slow.dataReceived(b"GET /json/ev")  # never finishes its head
+    busy, bt = h.client()
+    busy.dataReceived(get())
+    h.reactor.advance(80)
+    assert it.disconnecting and slt.disconnecting and not bt.disconnecting
+    h.front.stopFactory()

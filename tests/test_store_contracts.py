@@ -6,7 +6,7 @@ servers (see conftest.py).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import pytest_twisted
@@ -82,13 +82,13 @@ class TestMemoryRouteStore(RouteStoreContract):
 
 
 class TestRedisRouteStore(RouteStoreContract):
-    @pytest.fixture
-    def store(self, redis_url: str) -> Iterator[RedisRouteStore]:
+    @pytest_twisted.async_yield_fixture
+    async def store(self, redis_url: str) -> AsyncIterator[RedisRouteStore]:
         from twisted.internet import reactor
 
         store = RedisRouteStore(parse_redis_url(redis_url), reactor)
         yield store
-        pytest_twisted.blockon(store.close())
+        await store.close()
 
     @pytest_twisted.ensureDeferred
     async def test_operator_can_read_it_and_it_expires(

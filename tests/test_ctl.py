@@ -1,0 +1,128 @@
+"""kansas-ctl against real PostgreSQL and Redis; every failure is one line."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import pytest
+import pytest_twisted
+
+from kansas.ctl import main
+from kansas.model import QueueRoute
+from kansas.stores.redis import RedisRouteStore, parse_redis_url
+from kansas.testing.servers import free_port
+
+
+def run(*argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    code = main(list(argv), out=out)
+    return code, out.getvalue()
+
+
+def test_manages_shards_pins_and_overrides(postgres_dsn: str) -> None:
+    pg = ("--postgres", postgres_dsn)
+    assert run(*pg, "migrate") == (0, "schema version 1 (was 0)\n")
+    assert run(*pg, "migrate") == (0, "schema version 1 (was 1)\n")
+    assert run(*pg, "shard", "add", "a", "http://127.0.0.1:9800")[0] == 0
+    assert run(*pg, "shard", "add", "b", "http://127.0.0.1:9801", "--weight", "0")[0] == 0
+    assert run(*pg, "realm", "pin", "Big.Example.com", "b")[0] == 0
+    code, listing = run(*pg, "shard", "list")
+    assert code == 0
+    assert listing.splitlines()[1:] == [
+        "a     http://127.0.0.1:9800  100     0",
+        "b     http://127.0.0.1:9801  0       1",
+    ]
+    assert run(*pg, "where", "big.example.com") == (0, "b (realm-pin)\n")
+    assert run(*pg, "where", "other.example.com", "3") == (0, "a (hash)\n")
+    assert run(*pg, "user", "move", "big.example.com", "3", "a")[0] == 0
+    assert run(*pg, "where", "big.example.com", "3") == (0, "a (user-override)\n")
+    assert run(*pg, "realm", "unpin", "big.example.com")[0] == 0
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["shard", "add", "c", "http://127.0.0.1:9802"],  # before migrate
+        ["--postgres", "host=127.0.0.1 port=%PORT% dbname=x", "shard", "list"],
+    ],
+)
+def test_failures_are_one_line(
+    argv: list[str], postgres_dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [a.replace("%PORT%", str(free_port())) for a in argv]
+    if argv[0] != "--postgres":
+        argv = ["--postgres", postgres_dsn, *argv]
+    assert run(*argv)[0] == 1
+    err = capsys.readouterr().err
+    assert err.startswith("kansas-ctl: error: ") and err.count("\n") == 1, err
+
+
+def test_authority_errors_are_one_line(
+    postgres_dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pg = ("--postgres", postgres_dsn)
+    run(*pg, "migrate")
+    run(*pg, "shard", "add", "a", "http://127.0.0.1:9800")
+    for argv in (("shard", "add", "a", "http://127.0.0.1:9800"), ("shard", "add", "x", "ftp://h"),
+                 ("realm", "pin", "r", "nope"), ("user", "move", "r", "1", "nope"),
+                 ("realm", "unpin", "never-pinned")):  # fmt: skip
+        capsys.readouterr()
+        assert run(*pg, *argv)[0] == 1, argv
+        err = capsys.readouterr().err
+        assert err.startswith("kansas-ctl: error: ") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["shard"],
+        ["shard", "add", "x"],
+        ["user", "move", "r", "notanumber", "a"],
+        ["shard", "add", "x", "http://h:1", "--weight", "-1"],
+        ["frobnicate"],
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(argv: list[str]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "kansas.ctl", "--postgres", "dbname=x", *argv],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.startswith("kansas-ctl") and result.stderr.count("\n") == 1, result.stderr
+
+
+@pytest_twisted.ensureDeferred
+async def test_queues_lists_the_redis_table(redis_url: str) -> None:
+    from twisted.internet import reactor
+
+    store = RedisRouteStore(parse_redis_url(redis_url), reactor)
+    routes = [
+        QueueRoute("q-1", "a", "one.example.com", 1),
+        QueueRoute("q-2", "b", "two.example.com", 2),
+    ]
+    for route in routes:
+        await store.put(route)
+    await store.close()
+    code, out = subprocess_ctl("--redis", redis_url, "queues", "--realm", "two.example.com")
+    assert code == 0
+    assert out.splitlines()[1].split() == ["q-2", "b", "two.example.com", "2", "600"]
+    assert out.splitlines()[-1] == "1 queue(s)"
+
+
+def subprocess_ctl(*argv: str) -> tuple[int, str]:
+    # A separate process: kansas-ctl runs (and stops) its own reactor for Redis.
+    result = subprocess.run([sys.executable, "-m", "kansas.ctl", *argv], capture_output=True,
+                            text=True, timeout=30)  # fmt: skip
+    return result.returncode, result.stdout + result.stderr
+
+
+def test_queues_with_redis_down_is_one_line() -> None:
+    code, out = subprocess_ctl("--redis", f"redis://127.0.0.1:{free_port()}/0", "queues")
+    assert (
+        code == 1
+        and out.startswith("kansas-ctl: error: cannot reach Redis")
+        and out.count("\n") == 1
+    )

@@ -31,7 +31,8 @@ suite: $(BIN)/.installed system-deps
 run: $(BIN)/.installed system-deps
 	$(BIN)/python -m kansas.demo.stack
 
-bench: $(BIN)/.installed system-deps
+bench: $(BIN)/.installed
+	@scripts/system-deps.sh wrk
 	$(BIN)/python bench/first_figure.py
 
 format: $(BIN)/.installed

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Installs the Debian packages kansas's tests and demo need (redis-server, PostgreSQL),
-# if they are missing. Needs root (or sudo) for apt-get; says what to do otherwise.
+# Installs the Debian packages kansas needs, if they are missing: redis-server and
+# PostgreSQL always, and any extra ones named as arguments (e.g. `wrk` for benchmarks).
+# Needs root (or sudo) for apt-get; says what to do otherwise.
 set -euo pipefail
 
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+for extra in "$@"; do
+  command -v "$extra" >/dev/null 2>&1 || need+=("$extra")
+done
 [ ${#need[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" = 0 ]; then

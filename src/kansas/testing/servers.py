@@ -188,13 +188,17 @@ class PostgresServer(_Process):
         if not (self.data / "PG_VERSION").exists():
             self.data.mkdir(parents=True, exist_ok=True)
             creds = self._as_postgres()
-            subprocess.run(
+            initdb = subprocess.run(
                 [str(bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust"],
-                check=True,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
+                text=True,
                 **creds,
             )
+            if initdb.returncode != 0:
+                # Usually: as root, the postgres user cannot reach a directory above data/.
+                last = (initdb.stderr.strip().splitlines() or ["?"])[-1]
+                raise ServerError(f"initdb in {self.data} failed: {last}")
         creds = self._as_postgres()
         if self.log_path.exists() and creds:
             os.chown(self.log_path, creds["user"], creds["group"])

@@ -41,6 +41,11 @@ log = Logger()
 MAX_BODY_BYTES = 64 * 1024
 #: Bytes a client may send ahead (pipelining) while its request is in flight.
 MAX_AHEAD_BYTES = 64 * 1024
+#: After a final answer, how long (and how much) the client may go on sending before
+#: the socket is closed. Closing with unread input makes the kernel send a reset that
+#: can destroy the answer before the client reads it (say, a 413 for a large body).
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 4 * 1024 * 1024
 
 _LENGTH, _CHUNKED, _UNTIL_CLOSE = range(3)
 
@@ -61,6 +66,7 @@ class FrontProtocol(Protocol):
         "idle_since",
         "in_loop",
         "keep_alive",
+        "linger",
         "parser",
         "peer",
         "pending",
@@ -80,6 +86,7 @@ class FrontProtocol(Protocol):
         self.framing = _LENGTH
         self.peer = ""
         self.idle_since = 0.0
+        self.linger: Any = None  # (timer, bytes still allowed) while closing gracefully
 
     # -- connection ----------------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -90,12 +97,19 @@ class FrontProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.gone = True
+        if self.linger is not None and self.linger[0].active():
+            self.linger[0].cancel()
         self.proxy.connections.discard(self)
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
             exchange.cancel()  # the shard drops the parked request with the connection
 
     def dataReceived(self, data: bytes) -> None:
+        if self.linger is not None:
+            self.linger[1] -= len(data)  # read and dropped, so the close stays orderly
+            if self.linger[1] < 0:
+                self.transport.abortConnection()  # type: ignore[union-attr]
+            return
         self.parser.feed(data)
         if self.busy:
             if self.parser.buffered > MAX_AHEAD_BYTES:
@@ -135,10 +149,21 @@ class FrontProtocol(Protocol):
         self.pending = None
         self.idle_since = self.proxy.clock.seconds()
         if not keep_alive:
-            self.gone = True
-            self.transport.loseConnection()  # type: ignore[union-attr]
+            self._close_gracefully()
         elif self.parser.buffered:
             self._serve()
+
+    def _close_gracefully(self) -> None:
+        """Send what is buffered, half-close, and drain the client for a little while."""
+        self.gone = True
+        transport: Any = self.transport
+        timer = self.proxy.clock.callLater(LINGER_SECONDS, transport.abortConnection)
+        self.linger = [timer, LINGER_BYTES]
+        half_close = getattr(transport, "loseWriteConnection", None)
+        if half_close is None:
+            transport.loseConnection()
+        else:
+            half_close()
 
     # -- requests ------------------------------------------------------------------------
     def _dispatch(self, request: Request) -> None:

@@ -1,0 +1,909 @@
+"""A demo shard: a small stand-in for one Zulip Tornado process.
+
+It speaks the parts of Zulip's real-time event protocol that kansas routes: queue
+creation and the first fetch on ``POST /api/v1/events/internal``, long-polls on
+``GET /json/events`` and ``GET /api/v1/events``, ``DELETE`` of a queue, event delivery
+on ``POST /api/internal/notify_tornado`` and ``POST /api/internal/web_reload_clients``.
+``GET /demo/queues`` (local callers only) is an addition for tests: it shows which
+queues this shard holds.
+
+Internal endpoints need the form field ``secret`` (``--secret``, default
+``DEFAULT_SECRET``) and a local caller. Like Tornado behind nginx, the caller's address
+is taken from ``X-Real-Ip``, else the last ``X-Forwarded-For`` entry, else the peer:
+a proxy in front must not pass those headers on from outside.
+
+What it does not do:
+
+* Public requests (``/json/events``, ``/api/v1/events``) are NOT authenticated: no
+  session cookie or API key is checked, and any caller that knows a queue id may read
+  or delete it. Only the internal endpoints are protected, as in Zulip.
+* Narrows are stored but not applied; ``event_types`` is.
+* No rate limiting.
+
+Run it with ``python -m kansas.demo.shard --port P``; it prints one line
+``demo shard NAME listening on HOST:PORT`` once it listens. On SIGTERM it dumps its
+queues to ``--state-file`` (if given) and exits 0. On start it loads that file if it
+exists, then renames it to ``<file>.last``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hmac
+import ipaddress
+import json
+import os
+import random
+import re
+import sys
+import tempfile
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any, NoReturn, Protocol, cast
+from urllib.parse import parse_qsl, urlsplit
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IListeningPort,
+    IReactorCore,
+    IReactorTCP,
+    IReactorTime,
+)
+from twisted.internet.protocol import ServerFactory
+from twisted.internet.task import LoopingCall
+from twisted.logger import (
+    FilteringLogObserver,
+    Logger,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogBeginner,
+    textFileLogObserver,
+)
+from twisted.python.failure import Failure
+from twisted.web import http
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+
+JSONDict = dict[str, Any]
+
+DEFAULT_SECRET = "kansas-demo-secret"
+DEFAULT_IDLE_TIMEOUT = 600.0
+DEFAULT_GC_INTERVAL = 60.0
+MAX_LIFESPAN_SECS = 7 * 24 * 3600
+HEARTBEAT_MIN_SECS = 45.0
+HEARTBEAT_MAX_SECS = 55.0
+# Tornado's default idle keep-alive timeout; kansas pools connections to shards.
+KEEPALIVE_IDLE_TIMEOUT = 3600.0
+STATE_VERSION = 1
+
+EVENTS_PATHS = (b"/json/events", b"/api/v1/events")
+INTERNAL_EVENTS_PATH = b"/api/v1/events/internal"
+NOTIFY_PATH = b"/api/internal/notify_tornado"
+WEB_RELOAD_PATH = b"/api/internal/web_reload_clients"
+DEMO_QUEUES_PATH = b"/demo/queues"
+
+_INT_RE = re.compile(r"-?[0-9]+")
+
+log = Logger()
+
+
+class ShardError(Exception):
+    """An error reply, in Zulip's JSON shape."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        msg: str,
+        *,
+        headers: dict[bytes, bytes] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(msg)
+        self.status = status
+        self.code = code
+        self.msg = msg
+        self.headers = headers or {}
+        self.extra = extra
+
+    def body(self) -> JSONDict:
+        return {"result": "error", "msg": self.msg, "code": self.code, **self.extra}
+
+
+def bad_request(msg: str) -> ShardError:
+    return ShardError(400, "BAD_REQUEST", msg)
+
+
+def bad_queue(queue_id: str) -> ShardError:
+    return ShardError(
+        400, "BAD_EVENT_QUEUE_ID", f"Bad event queue ID: {queue_id}", queue_id=queue_id
+    )
+
+
+def access_denied() -> ShardError:
+    return ShardError(403, "ACCESS_DENIED", "Access denied")
+
+
+def success(**fields: Any) -> JSONDict:
+    return {"result": "success", "msg": "", **fields}
+
+
+@dataclass(eq=False)
+class _Parked:
+    """A long-poll waiting on a queue, with its pending heartbeat."""
+
+    deferred: Deferred[JSONDict]
+    heartbeat: IDelayedCall
+
+
+@dataclass(eq=False)
+class EventQueue:
+    queue_id: str
+    user_profile_id: int
+    user_client: str
+    narrow: list[Any]
+    event_types: list[str] | None
+    lifespan_secs: int
+    timeout: float
+    last_connection: float
+    next_event_id: int = 0
+    events: list[JSONDict] = field(default_factory=list)
+    parked: _Parked | None = None
+
+    def accepts(self, event: JSONDict) -> bool:
+        return self.event_types is None or event.get("type") in self.event_types
+
+    def add_event(self, event: JSONDict) -> JSONDict:
+        # Each queue numbers its own events; copy so queues never share a dict.
+        stored = copy.deepcopy(event)
+        stored["id"] = self.next_event_id
+        self.next_event_id += 1
+        self.events.append(stored)
+        return stored
+
+    def prune(self, last_event_id: int) -> None:
+        self.events = [e for e in self.events if e["id"] > last_event_id]
+
+    def to_state(self) -> JSONDict:
+        return {
+            "queue_id": self.queue_id,
+            "user_profile_id": self.user_profile_id,
+            "user_client": self.user_client,
+            "narrow": self.narrow,
+            "event_types": self.event_types,
+            "lifespan_secs": self.lifespan_secs,
+            "timeout": self.timeout,
+            "last_connection": self.last_connection,
+            "next_event_id": self.next_event_id,
+            "events": self.events,
+        }
+
+    @classmethod
+    def from_state(cls, state: JSONDict, now: float) -> EventQueue:
+        events = state["events"]
+        if not isinstance(events, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("id"), int) for e in events
+        ):
+            raise ValueError(f"bad events for queue {state.get('queue_id')!r}")
+        event_types = state["event_types"]
+        return cls(
+            queue_id=str(state["queue_id"]),
+            user_profile_id=int(state["user_profile_id"]),
+            user_client=str(state["user_client"]),
+            narrow=list(state["narrow"]),
+            event_types=None if event_types is None else [str(t) for t in event_types],
+            lifespan_secs=int(state["lifespan_secs"]),
+            timeout=float(state["timeout"]),
+            # A clock that went backwards must not make a queue immortal.
+            last_connection=min(float(state["last_connection"]), now),
+            next_event_id=int(state["next_event_id"]),
+            events=events,
+        )
+
+
+class DemoShard:
+    """The queues of one shard, free of HTTP; time comes from ``clock``."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        *,
+        name: str = "demo",
+        secret: str = DEFAULT_SECRET,
+        heartbeat: float | None = None,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        gc_interval: float = DEFAULT_GC_INTERVAL,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.clock = clock
+        self.name = name
+        self._secret = secret.encode("utf-8")
+        self.heartbeat = heartbeat
+        self.idle_timeout = idle_timeout
+        self.gc_interval = gc_interval
+        self._rng = rng if rng is not None else random.Random()
+        # Insertion-ordered, so web_reload_clients and listings are deterministic.
+        self.queues: dict[str, EventQueue] = {}
+        self._gc_loop: LoopingCall | None = None
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the periodic idle-queue GC."""
+        if self._gc_loop is not None:
+            return
+        loop = LoopingCall(self.gc)
+        loop.clock = self.clock
+        self._gc_loop = loop
+        loop.start(self.gc_interval, now=False).addErrback(
+            lambda f: log.failure("queue GC stopped", f)
+        )
+
+    def stop(self) -> None:
+        """Stop GC and drop every parked long-poll (their connections get closed)."""
+        if self._gc_loop is not None:
+            if self._gc_loop.running:
+                self._gc_loop.stop()
+            self._gc_loop = None
+        for queue in self.queues.values():
+            if queue.parked is not None:
+                queue.parked.deferred.cancel()
+
+    # -- auth ---------------------------------------------------------------
+
+    def check_secret(self, secret: str | None) -> bool:
+        if secret is None:
+            return False
+        return hmac.compare_digest(secret.encode("utf-8"), self._secret)
+
+    # -- queues -------------------------------------------------------------
+
+    def create_queue(
+        self,
+        user_profile_id: int,
+        *,
+        user_client: str = "API",
+        narrow: list[Any] | None = None,
+        event_types: list[str] | None = None,
+        lifespan_secs: int = 0,
+    ) -> EventQueue:
+        timeout = (
+            float(min(lifespan_secs, MAX_LIFESPAN_SECS)) if lifespan_secs else self.idle_timeout
+        )
+        queue = EventQueue(
+            queue_id=str(uuid.uuid4()),
+            user_profile_id=user_profile_id,
+            user_client=user_client,
+            narrow=list(narrow) if narrow is not None else [],
+            event_types=None if event_types is None else list(event_types),
+            lifespan_secs=lifespan_secs,
+            timeout=timeout,
+            last_connection=self.clock.seconds(),
+        )
+        self.queues[queue.queue_id] = queue
+        return queue
+
+    def get_queue(self, queue_id: str, user_profile_id: int | None = None) -> EventQueue:
+        queue = self.queues.get(queue_id)
+        # Another user's queue looks exactly like a missing one, as in Zulip.
+        if queue is None or (
+            user_profile_id is not None and queue.user_profile_id != user_profile_id
+        ):
+            raise bad_queue(queue_id)
+        return queue
+
+    def get_events(
+        self,
+        queue_id: str,
+        last_event_id: int | None = None,
+        dont_block: bool = False,
+        user_profile_id: int | None = None,
+    ) -> Deferred[JSONDict]:
+        """Fetch events: fires at once, or later if the request is parked.
+
+        Raises ShardError for an unknown queue. The returned Deferred is cancellable
+        (client disconnected): that unparks it. It fails with ShardError if the queue
+        is deleted, and with CancelledError if the shard stops, while it is parked.
+        """
+        queue = self.get_queue(queue_id, user_profile_id)
+        queue.last_connection = self.clock.seconds()
+        if last_event_id is not None:
+            queue.prune(last_event_id)
+        if queue.parked is not None:
+            # Only one long-poll per queue: the newer one wins.
+            self._complete(queue, events=[])
+        if queue.events or dont_block:
+            return succeed(success(events=list(queue.events)))
+
+        def cancel(d: Deferred[JSONDict]) -> None:
+            if queue.parked is not None and queue.parked.deferred is d:
+                self._unpark(queue)
+
+        deferred: Deferred[JSONDict] = Deferred(cancel)
+        delay = (
+            self.heartbeat
+            if self.heartbeat is not None
+            else self._rng.uniform(HEARTBEAT_MIN_SECS, HEARTBEAT_MAX_SECS)
+        )
+        call = self.clock.callLater(delay, self._heartbeat, queue, deferred)
+        queue.parked = _Parked(deferred, call)
+        return deferred
+
+    def delete_queue(self, queue_id: str) -> None:
+        queue = self.get_queue(queue_id)
+        del self.queues[queue_id]
+        parked = self._unpark(queue)
+        if parked is not None:
+            # Tell the waiting long-poll now rather than at its heartbeat.
+            parked.deferred.errback(bad_queue(queue_id))
+
+    def _unpark(self, queue: EventQueue) -> _Parked | None:
+        parked = queue.parked
+        if parked is None:
+            return None
+        queue.parked = None
+        if parked.heartbeat.active():
+            parked.heartbeat.cancel()
+        # Connection time counts until the long-poll ends, for GC.
+        queue.last_connection = self.clock.seconds()
+        return parked
+
+    def _complete(self, queue: EventQueue, events: list[JSONDict] | None = None) -> None:
+        parked = self._unpark(queue)
+        if parked is not None:
+            reply_events = list(queue.events) if events is None else events
+            parked.deferred.callback(success(events=reply_events, queue_id=queue.queue_id))
+
+    def _heartbeat(self, queue: EventQueue, deferred: Deferred[JSONDict]) -> None:
+        if queue.parked is None or queue.parked.deferred is not deferred:
+            return
+        queue.add_event({"type": "heartbeat"})
+        self._complete(queue)
+
+    # -- events -------------------------------------------------------------
+
+    def notify(self, event: JSONDict, users: Iterable[int | JSONDict]) -> int:
+        """Deliver ``event`` to every queue of ``users``; return how many got it."""
+        flags_by_user: dict[int, Any] = {}
+        for user in users:
+            # Zulip's message events list users as {"id": N, "flags": [...]}.
+            if isinstance(user, dict):
+                flags_by_user[int(user["id"])] = user.get("flags")
+            else:
+                flags_by_user[int(user)] = None
+        delivered = 0
+        for queue in list(self.queues.values()):
+            if queue.user_profile_id not in flags_by_user or not queue.accepts(event):
+                continue
+            per_user = event
+            flags = flags_by_user[queue.user_profile_id]
+            if flags is not None:
+                per_user = {**event, "flags": flags}
+            queue.add_event(per_user)
+            self._complete(queue)
+            delivered += 1
+        return delivered
+
+    def web_reload_clients(self, client_count: int | None, immediate: bool) -> tuple[int, bool]:
+        """Ask up to ``client_count`` web clients to reload; return (sent, complete).
+
+        A queue that still holds an un-acked reload event is skipped, so repeated calls
+        work through all web clients (the way Zulip's restart script loops).
+        """
+        waiting = [
+            q
+            for q in self.queues.values()
+            if q.user_client == "website"
+            and not any(e.get("type") == "web_reload_client" for e in q.events)
+        ]
+        chosen = waiting if client_count is None else waiting[: max(client_count, 0)]
+        for queue in chosen:
+            queue.add_event({"type": "web_reload_client", "immediate": immediate})
+            self._complete(queue)
+        return len(chosen), len(chosen) == len(waiting)
+
+    # -- GC -----------------------------------------------------------------
+
+    def gc(self) -> list[str]:
+        """Drop idle queues; return their ids."""
+        now = self.clock.seconds()
+        expired = [
+            q.queue_id
+            for q in self.queues.values()
+            if q.parked is None and now - q.last_connection > q.timeout
+        ]
+        for queue_id in expired:
+            del self.queues[queue_id]
+        return expired
+
+    # -- introspection and persistence -------------------------------------
+
+    def describe(self) -> JSONDict:
+        return success(
+            shard=self.name,
+            queues=[
+                {
+                    "queue_id": q.queue_id,
+                    "user_profile_id": q.user_profile_id,
+                    "pending": len(q.events),
+                    "parked": q.parked is not None,
+                }
+                for q in self.queues.values()
+            ],
+        )
+
+    def dump_state(self) -> JSONDict:
+        return {
+            "version": STATE_VERSION,
+            "shard": self.name,
+            "saved_at": self.clock.seconds(),
+            "queues": [q.to_state() for q in self.queues.values()],
+        }
+
+    def load_state(self, state: JSONDict) -> None:
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise ValueError("unknown state format")
+        now = self.clock.seconds()
+        try:
+            loaded = [EventQueue.from_state(q, now) for q in state["queues"]]
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"malformed queue in state: {e!r}") from e
+        for queue in loaded:
+            self.queues[queue.queue_id] = queue
+
+    def save_state_file(self, path: str) -> None:
+        """Write the queues to ``path`` atomically (temp file in the same dir + rename)."""
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".shard-state-", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(self.dump_state(), f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    def load_state_file(self, path: str) -> bool:
+        """Load queues from ``path`` if it exists; return whether it did."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                state = json.load(f)
+        except FileNotFoundError:
+            return False
+        self.load_state(state)
+        return True
+
+
+# -- HTTP layer ----------------------------------------------------------------
+
+
+class HTTPRequest(Protocol):
+    """The part of twisted.web's (mostly untyped) Request used here, typed."""
+
+    uri: bytes
+    path: bytes
+    method: bytes
+    content: IO[bytes] | None
+
+    def getHeader(self, key: str) -> str | None: ...
+    def getClientAddress(self) -> IAddress: ...
+    def setResponseCode(self, code: int) -> None: ...
+    def setHeader(self, name: bytes, value: bytes) -> None: ...
+    def write(self, data: bytes) -> None: ...
+    def finish(self) -> None: ...
+    def loseConnection(self) -> None: ...
+    def notifyFinish(self) -> Deferred[None]: ...
+
+
+def _client_ip(request: HTTPRequest) -> str | None:
+    # Tornado (xheaders=True) trusts these headers, so a proxy must not pass them on
+    # from outside; the demo does the same so kansas's handling of them is tested.
+    real_ip = request.getHeader("X-Real-Ip")
+    if real_ip:
+        return real_ip.strip()
+    forwarded = request.getHeader("X-Forwarded-For")
+    if forwarded:
+        return forwarded.split(",")[-1].strip()
+    addr = request.getClientAddress()
+    if isinstance(addr, IPv4Address | IPv6Address):
+        return addr.host
+    return None
+
+
+def is_local(request: HTTPRequest) -> bool:
+    ip = _client_ip(request)
+    if ip is None:
+        return False
+    try:
+        parsed = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
+        return parsed.ipv4_mapped.is_loopback
+    return parsed.is_loopback
+
+
+def _form(request: HTTPRequest) -> dict[str, str]:
+    """Query string plus urlencoded body (body wins), first value per name."""
+    try:
+        query = parse_qsl(urlsplit(request.uri.decode("ascii")).query, keep_blank_values=True)
+        body: list[tuple[str, str]] = []
+        ctype = (request.getHeader("Content-Type") or "").split(";")[0].strip().lower()
+        if ctype == "application/x-www-form-urlencoded" and request.content is not None:
+            request.content.seek(0)
+            text = request.content.read().decode("utf-8")
+            body = parse_qsl(text, keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError as e:
+        raise bad_request("Malformed request: not UTF-8") from e
+    form: dict[str, str] = {}
+    for key, value in query:
+        form.setdefault(key, value)
+    from_body: dict[str, str] = {}
+    for key, value in body:
+        from_body.setdefault(key, value)
+    return form | from_body
+
+
+def _int_arg(form: dict[str, str], name: str, *, required: bool = False) -> int | None:
+    value = form.get(name)
+    if value is None or (value == "" and not required):
+        if required:
+            raise bad_request(f"Missing '{name}' argument")
+        return None
+    if not _INT_RE.fullmatch(value.strip()):
+        raise bad_request(f"Bad value for '{name}': {value}")
+    return int(value)
+
+
+def _bool_arg(form: dict[str, str], name: str, default: bool) -> bool:
+    value = form.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, bool):
+        raise bad_request(f"Bad value for '{name}': {value}")
+    return parsed
+
+
+def _json_arg(form: dict[str, str], name: str) -> Any:
+    value = form.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return json.loads(value)
+    except ValueError as e:
+        raise bad_request(f"Bad value for '{name}': {value}") from e
+
+
+def _queue_id_arg(form: dict[str, str]) -> str:
+    queue_id = form.get("queue_id")
+    if not queue_id:
+        raise bad_request("Missing 'queue_id' argument")
+    return queue_id
+
+
+def _json_bytes(request: HTTPRequest, status: int, body: JSONDict) -> bytes:
+    data = json.dumps(body, separators=(",", ":")).encode("utf-8")
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Content-Length", str(len(data)).encode("ascii"))
+    return data
+
+
+def _error_bytes(request: HTTPRequest, error: ShardError) -> bytes:
+    for name, value in error.headers.items():
+        request.setHeader(name, value)
+    return _json_bytes(request, error.status, error.body())
+
+
+class ShardResource(Resource):
+    """Routes every path of the shard; all replies are JSON."""
+
+    isLeaf = True
+
+    def __init__(self, shard: DemoShard) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.shard = shard
+
+    def render(self, request: http.Request) -> bytes | int:
+        return self.render_request(cast(HTTPRequest, request))
+
+    def render_request(self, request: HTTPRequest) -> bytes | int:
+        try:
+            return self._route(request)
+        except ShardError as e:
+            return _error_bytes(request, e)
+        except Exception:
+            # JSON even for bugs: kansas and its tests parse every reply.
+            log.failure("error handling {path!r}", path=request.path)
+            return _error_bytes(request, ShardError(500, "INTERNAL_ERROR", "Internal error"))
+
+    def _route(self, request: HTTPRequest) -> bytes | int:
+        path = request.path
+        method = request.method
+        routes: dict[bytes, dict[bytes, Callable[[HTTPRequest], bytes | int]]] = {
+            INTERNAL_EVENTS_PATH: {b"POST": self._internal_events},
+            NOTIFY_PATH: {b"POST": self._notify},
+            WEB_RELOAD_PATH: {b"POST": self._web_reload},
+            DEMO_QUEUES_PATH: {b"GET": self._demo_queues},
+        }
+        for events_path in EVENTS_PATHS:
+            routes[events_path] = {b"GET": self._get_events, b"DELETE": self._delete}
+        handlers = routes.get(path)
+        if handlers is None:
+            raise ShardError(404, "NOT_FOUND", "Not Found")
+        handler = handlers.get(method)
+        if handler is None:
+            allowed = ", ".join(m.decode("ascii") for m in handlers)
+            raise ShardError(
+                405,
+                "METHOD_NOT_ALLOWED",
+                f"Method Not Allowed ({method.decode('ascii', 'replace')})",
+                headers={b"Allow": allowed.encode("ascii")},
+            )
+        return handler(request)
+
+    def _internal_form(self, request: HTTPRequest) -> dict[str, str]:
+        form = _form(request)
+        if not is_local(request) or not self.shard.check_secret(form.get("secret")):
+            raise access_denied()
+        return form
+
+    # -- handlers -------------------------------------------------------------
+
+    def _internal_events(self, request: HTTPRequest) -> bytes | int:
+        form = self._internal_form(request)
+        queue_id = form.get("queue_id")
+        user_profile_id = _int_arg(form, "user_profile_id", required=not queue_id)
+        if queue_id:
+            # Django's follow-up fetch right after creating the queue.
+            deferred = self.shard.get_events(
+                queue_id,
+                last_event_id=_int_arg(form, "last_event_id"),
+                dont_block=True,
+                user_profile_id=user_profile_id,
+            )
+            return self._reply_when_done(request, deferred)
+        assert user_profile_id is not None
+        event_types = _json_arg(form, "event_types")
+        if event_types is not None and (
+            not isinstance(event_types, list) or not all(isinstance(t, str) for t in event_types)
+        ):
+            raise bad_request(f"Bad value for 'event_types': {form['event_types']}")
+        narrow = _json_arg(form, "narrow")
+        if narrow is not None and not isinstance(narrow, list):
+            raise bad_request(f"Bad value for 'narrow': {form['narrow']}")
+        lifespan_secs = _int_arg(form, "lifespan_secs") or 0
+        if lifespan_secs < 0:
+            raise bad_request(f"Bad value for 'lifespan_secs': {form['lifespan_secs']}")
+        queue = self.shard.create_queue(
+            user_profile_id,
+            user_client=form.get("user_client") or "API",
+            narrow=narrow,
+            event_types=event_types,
+            lifespan_secs=lifespan_secs,
+        )
+        return _json_bytes(request, 200, success(events=[], queue_id=queue.queue_id))
+
+    def _get_events(self, request: HTTPRequest) -> bytes | int:
+        form = _form(request)
+        queue_id = _queue_id_arg(form)
+        deferred = self.shard.get_events(
+            queue_id,
+            last_event_id=_int_arg(form, "last_event_id"),
+            dont_block=_bool_arg(form, "dont_block", False),
+        )
+        return self._reply_when_done(request, deferred)
+
+    def _delete(self, request: HTTPRequest) -> bytes | int:
+        self.shard.delete_queue(_queue_id_arg(_form(request)))
+        return _json_bytes(request, 200, success())
+
+    def _notify(self, request: HTTPRequest) -> bytes | int:
+        form = self._internal_form(request)
+        data = _json_arg(form, "data")
+        if not isinstance(data, dict):
+            raise bad_request("Missing 'data' argument")
+        event, users = data.get("event"), data.get("users")
+        if not isinstance(event, dict) or not isinstance(users, list):
+            raise bad_request("Bad value for 'data': needs 'event' and 'users'")
+        try:
+            self.shard.notify(event, users)
+        except (KeyError, TypeError, ValueError) as e:
+            raise bad_request("Bad value for 'data': bad 'users'") from e
+        return _json_bytes(request, 200, success())
+
+    def _web_reload(self, request: HTTPRequest) -> bytes | int:
+        form = self._internal_form(request)
+        sent, complete = self.shard.web_reload_clients(
+            _int_arg(form, "client_count"), _bool_arg(form, "immediate", False)
+        )
+        return _json_bytes(request, 200, success(sent_events=sent, complete=complete))
+
+    def _demo_queues(self, request: HTTPRequest) -> bytes | int:
+        if not is_local(request):
+            raise access_denied()
+        return _json_bytes(request, 200, self.shard.describe())
+
+    def _reply_when_done(self, request: HTTPRequest, deferred: Deferred[JSONDict]) -> bytes | int:
+        gone = False
+
+        def on_reply(body: JSONDict) -> None:
+            if not gone:
+                request.write(_json_bytes(request, 200, body))
+                request.finish()
+
+        def on_error(failure: Failure) -> None:
+            if gone:
+                return
+            if isinstance(failure.value, CancelledError):
+                # The shard is stopping: drop the long-poll like a dying Tornado would.
+                request.loseConnection()
+            elif isinstance(failure.value, ShardError):
+                request.write(_error_bytes(request, failure.value))
+                request.finish()
+            else:
+                log.failure("error completing a request", failure)
+                error = ShardError(500, "INTERNAL_ERROR", "Internal error")
+                request.write(_error_bytes(request, error))
+                request.finish()
+
+        def on_disconnect(failure: Failure) -> None:
+            nonlocal gone
+            gone = True
+            deferred.cancel()
+
+        deferred.addCallbacks(on_reply, on_error)
+        if not deferred.called:
+            request.notifyFinish().addErrback(on_disconnect)
+        return NOT_DONE_YET
+
+
+class _QuietSite(Site):
+    """A Site without the per-request access log line."""
+
+    noisy = False
+
+    def log(self, request: http.Request) -> None:
+        pass
+
+
+def make_site(shard: DemoShard, reactor: IReactorTime | None = None) -> Site:
+    # Site's constructor is untyped in Twisted.
+    return _QuietSite(  # type: ignore[no-untyped-call]
+        ShardResource(shard),
+        logPath=None,
+        timeout=KEEPALIVE_IDLE_TIMEOUT,
+        reactor=reactor,
+        parsePOSTFormSubmission=False,
+    )
+
+
+def listen(
+    shard: DemoShard, reactor: IReactorTCP, port: int = 0, interface: str = "127.0.0.1"
+) -> IListeningPort:
+    """Serve ``shard`` over HTTP; ``port=0`` picks a free port (see ``getHost().port``)."""
+    # Site is a ServerFactory at runtime; its untyped base hides that from mypy.
+    site = cast(ServerFactory, make_site(shard, cast(IReactorTime, reactor)))
+    return reactor.listenTCP(port, site, interface=interface)
+
+
+# -- CLI -----------------------------------------------------------------------
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number: {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    if not _INT_RE.fullmatch(text) or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"not a TCP port: {text!r}")
+    return int(text)
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, not argparse's usage block: callers show it as a test failure.
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = _ArgumentParser(
+        prog="python -m kansas.demo.shard",
+        description="A demo Zulip Tornado shard speaking the real-time event protocol.",
+    )
+    parser.add_argument("--port", type=_port, required=True, help="0 picks a free port")
+    parser.add_argument("--interface", default="127.0.0.1")
+    parser.add_argument("--secret", default=DEFAULT_SECRET, help="Zulip's SHARED_SECRET")
+    parser.add_argument("--state-file", help="queues are dumped here on SIGTERM, loaded on start")
+    parser.add_argument(
+        "--heartbeat",
+        type=_positive_float,
+        help="fixed heartbeat delay in seconds (default: random 45-55)",
+    )
+    parser.add_argument("--idle-timeout", type=_positive_float, default=DEFAULT_IDLE_TIMEOUT)
+    parser.add_argument("--gc-interval", type=_positive_float, default=DEFAULT_GC_INTERVAL)
+    parser.add_argument("--name", help="shard name (default: shard-PORT)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    from twisted.internet import reactor as _reactor
+
+    reactor = cast(Any, _reactor)
+    shard = DemoShard(
+        cast(IReactorTime, reactor),
+        name=args.name or "demo",
+        secret=args.secret,
+        heartbeat=args.heartbeat,
+        idle_timeout=args.idle_timeout,
+        gc_interval=args.gc_interval,
+    )
+    state_file: str | None = args.state_file
+    loaded = False
+    if state_file is not None:
+        try:
+            loaded = shard.load_state_file(state_file)
+        except (OSError, ValueError) as e:
+            sys.exit(f"demo shard: cannot load state file {state_file}: {e}")
+    try:
+        port = listen(shard, cast(IReactorTCP, reactor), args.port, args.interface)
+    except CannotListenError as e:
+        sys.exit(f"demo shard: cannot listen on {args.interface}:{args.port}: {e.socketError}")
+    if loaded and state_file is not None:
+        # Move the dump aside once we serve (as Zulip does): a crash after this start
+        # must not reload stale queues whose event ids would then be handed out twice.
+        os.replace(state_file, state_file + ".last")
+    host = cast(IPv4Address | IPv6Address, port.getHost())
+    if args.name is None:
+        shard.name = f"shard-{host.port}"
+    failed = False
+
+    def shutdown() -> None:
+        nonlocal failed
+        shard.stop()
+        if state_file is not None:
+            try:
+                shard.save_state_file(state_file)
+            except OSError as e:
+                failed = True
+                print(f"demo shard: cannot save state to {state_file}: {e}", file=sys.stderr)
+
+    cast(IReactorCore, reactor).addSystemEventTrigger("before", "shutdown", shutdown)
+    # Warnings and errors to stderr; stdout is kept for the one "listening" line.
+    globalLogBeginner.beginLoggingTo(
+        [
+            FilteringLogObserver(
+                textFileLogObserver(sys.stderr),
+                [LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)],
+            )
+        ],
+        redirectStandardIO=False,
+    )
+    shard.start()
+    print(f"demo shard {shard.name} listening on {host.host}:{host.port}", flush=True)
+    reactor.run()
+    if failed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -207,6 +207,10 @@ def test_bad_input_gets_json_errors_and_kansas_keeps_serving(stack: Stack) -> No
     error(call(port, "POST", "/api/internal/notify_tornado", host=ONE), 403, "UNAUTHORIZED")
     error(call(port, "GET", "/nothing/here", host=ONE), 404, "NOT_FOUND")
     error(call(stack.kansas.internal_port, "GET", "/json/events", host=ONE), 404, "NOT_FOUND")
+    internal = stack.kansas.internal_port
+    error(call(internal, "GET", "/api/v1/events/internal", host=ONE), 405, "BAD_REQUEST")
+    error(call(internal, "POST", "/api/v1/events/internal", host=ONE, form={"secret": SECRET}),
+          400, "BAD_REQUEST")  # fmt: skip
     huge = {"queue_id": queue_id, "pad": "x" * (1024 * 1024)}
     error(call(port, "DELETE", "/json/events", host=ONE, form=huge), 413, "BAD_REQUEST")
 

@@ -72,34 +72,32 @@ class Exchange:
         """The client went away: drop the exchange and its connection (never reused)."""
         if self.done:
             return
-        self._close()
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            conn.exchange = None
-            conn.abort()
-        elif self.connector is not None:
+        if not self._close(abort=True) and self.connector is not None:
             self.connector.stopConnecting()
 
-    def _close(self) -> None:
+    def _close(self, abort: bool = False) -> bool:
+        """Mark done, stop the timer; with ``abort``, drop the connection in use (if any,
+        returning True): it is mid-exchange and can never be reused."""
         self.done = True
         if self.timer is not None:
             if self.timer.active():
                 self.timer.cancel()
             self.timer = None
+        conn, self.conn = self.conn, None
+        if conn is None or not abort:
+            return False
+        conn.exchange = None
+        conn.abort()
+        return True
 
     def finished(self) -> None:
         self._close()
-        self.conn = None
         self.sink.response_end()
 
     def failed(self, reason: str) -> None:
         if self.done:
             return
-        self._close()
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            conn.exchange = None
-            conn.abort()
+        self._close(abort=True)
         self.sink.response_failed(reason, self.started)
 
     def timed_out(self) -> None:

@@ -143,11 +143,6 @@ class ShardProxyResource(ReverseProxyResource):
         return None
 
     def render(self, request: Request) -> bytes | int:
-        if request.method != b"POST":
-            request.responseHeaders.setRawHeaders(b"allow", [b"POST"])
-            return _json_error(request, 405, "Method Not Allowed")
-        if len(_body(request)) > MAX_INTERNAL_BODY:
-            return _json_error(request, 413, "Request body too large")
         try:
             chosen = self.choose(request)
         except NoShard as e:
@@ -261,11 +256,6 @@ class BroadcastResource(Resource):
         self.router = router
 
     def render(self, request: Request) -> bytes | int:
-        if request.method != b"POST":
-            request.responseHeaders.setRawHeaders(b"allow", [b"POST"])
-            return _json_error(request, 405, "Method Not Allowed")
-        if len(_body(request)) > MAX_INTERNAL_BODY:
-            return _json_error(request, 413, "Request body too large")
         shards = sorted(self.router.directory.current.shards.values(), key=lambda s: s.name)
         if not shards:
             return _json_error(request, 503, "No shard is registered", "SHARD_UNAVAILABLE")
@@ -324,12 +314,19 @@ class InternalRoot(Resource):
 
     def render(self, request: Request) -> bytes | int:
         path = request.path
-        try:
-            if path == b"/api/v1/events/internal":
-                return self.queues.render(request)
-            if path in (b"/api/internal/notify_tornado", b"/api/internal/web_reload_clients"):
-                return self.broadcast.render(request)
+        if path == b"/api/v1/events/internal":
+            handler: Resource = self.queues
+        elif path in (b"/api/internal/notify_tornado", b"/api/internal/web_reload_clients"):
+            handler = self.broadcast
+        else:
             return _json_error(request, 404, "Not Found", "NOT_FOUND")
+        if request.method != b"POST":
+            request.responseHeaders.setRawHeaders(b"allow", [b"POST"])
+            return _json_error(request, 405, "Method Not Allowed")
+        if len(_body(request)) > MAX_INTERNAL_BODY:
+            return _json_error(request, 413, "Request body too large")
+        try:
+            return handler.render(request)  # type: ignore[no-any-return]
         except Exception:
             log.failure("internal request failed")
             return _json_error(request, 500, "Internal error", "INTERNAL")

@@ -260,13 +260,19 @@ def test_shard_trouble_is_a_json_502(stack: Stack) -> None:
     stack.ctl("shard", "add", "dead", f"http://127.0.0.1:{free_port()}", "--weight", "0")
     stack.ctl("realm", "pin", TWO, "html")
     stack.ctl("realm", "pin", THREE, "dead")
+    stack.kansas.argv += ["--park-timeout", "1"]
     stack.kansas.restart()
     queue_id = "4f1b3c2e-0000-4000-8000-00000000beef"
     # The mapping points at the HTML shard: kansas answers 502 JSON, not the HTML.
     reply = stack.get(queue_id, TWO)
     assert reply.status == 502 and reply.json["code"] == "BAD_GATEWAY", reply
     assert "not JSON" in reply.json["msg"]
+    # A GET for a shard that is down waits for it (here 1 s), then polls again.
     reply = stack.get(queue_id, THREE)
+    assert reply.status == 200 and reply.json["events"] == [], reply
+    assert reply.json["queue_id"] == queue_id
+    # A DELETE is not safe to hold and replay.
+    reply = stack.delete(queue_id, THREE)
     assert reply.status == 502 and reply.json["code"] == "BAD_GATEWAY", reply
     reply = stack.internal("/api/v1/events/internal", THREE, user_profile_id=1)
     assert reply.status == 502 and reply.json["result"] == "error"

@@ -15,10 +15,12 @@ from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
+from kansas.health import HealthMonitor
 from kansas.model import Assignment, QueueRoute, Shard
 from kansas.proxy.backend import BackendConnection, BackendPool
 from kansas.proxy.forwarding import EventRouter
 from kansas.proxy.front import FrontFactory, FrontProtocol
+from kansas.proxy.parking import Parking
 from kansas.routes import RouteTable
 from kansas.stores.memory import MemoryRouteStore
 
@@ -46,7 +48,10 @@ class Harness:
         self.directory = SimpleNamespace(current=Assignment(shards, {REALM: "b"}))
         self.router = EventRouter(self.table, self.directory)  # type: ignore[arg-type]
         self.pool = BackendPool(self.reactor)
-        self.front = FrontFactory(self.router, self.pool, self.reactor)
+        self.health = HealthMonitor(self.reactor, self.directory)  # type: ignore[arg-type]
+        self.parking = Parking(self.reactor, self.health, max_parked=2, release_rate=100)
+        self.health.start()
+        self.front = FrontFactory(self.router, self.pool, self.reactor, self.health, self.parking)
         self.connected = 0
 
     def client(self) -> tuple[FrontProtocol, StringTransport]:
@@ -162,15 +167,134 @@ def test_delete_forgets_the_mapping(h: Harness) -> None:
     assert h.store.get(Q1).result is None and h.table.cached(Q1) is None
 
 
-def test_unreachable_shard_is_a_json_502(h: Harness) -> None:
+def refuse(h: Harness, index: int) -> None:
+    """The shard refuses kansas's connection number ``index``."""
+    _host, _port, factory, _t, _b = h.reactor.tcpClients[index]
+    factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+    h.connected = max(h.connected, index + 1)
+
+
+def delete(queue_id: str = Q1) -> bytes:
+    return b"DELETE /json/events?queue_id=%s HTTP/1.1\r\nHost: x\r\n\r\n" % queue_id.encode()
+
+
+def test_a_delete_to_an_unreachable_shard_is_a_json_502(h: Harness) -> None:
     h.route()
     client, ct = h.client()
-    client.dataReceived(get())
-    _host, _port, factory, _t, _b = h.reactor.tcpClients[0]
-    factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+    client.dataReceived(delete())
+    refuse(h, 0)
     status, body = status_and_json(ct.value())
     assert status == 502 and body["code"] == "BAD_GATEWAY" and "a" in body["msg"]
     assert not ct.disconnecting  # the client's connection stays usable
+    assert h.health.is_down("a")
+    ct.clear()
+    client.dataReceived(delete())  # known down: answered at once, no connection tried
+    assert status_and_json(ct.value())[0] == 502 and len(h.reactor.tcpClients) == 1
+
+
+def test_a_get_for_a_down_shard_waits_and_is_replayed_when_it_is_back(h: Harness) -> None:
+    h.route()
+    client, ct = h.client()
+    client.dataReceived(get())
+    refuse(h, 0)
+    assert ct.value() == b"" and h.parking.parked("a") == 1 and h.health.is_down("a")
+    h.reactor.advance(1.0)  # the health probe runs ...
+    probe = h.reactor.tcpClients[-1][2]
+    probe.clientConnectionFailed(None, Failure(ConnectionRefusedError()))  # ... still down
+    h.reactor.advance(1.0)
+    probe = h.reactor.tcpClients[-1][2]
+    h.connected = len(h.reactor.tcpClients)
+    probe.buildProtocol(None).makeConnection(StringTransport())  # ... and now it answers
+    assert not h.health.is_down("a")  # and the parked GET is replayed at once
+    conn, st = h.shard_connection(9800)
+    assert st.value().startswith(b"GET /json/events?queue_id=")
+    conn.dataReceived(ok_reply())
+    assert ct.value().endswith(OK) and h.parking.parked() == 0
+
+
+def test_a_parked_get_gets_an_empty_success_at_its_deadline(h: Harness) -> None:
+    h.route()
+    client, ct = h.client()
+    client.dataReceived(get())
+    refuse(h, 0)
+    h.reactor.advance(49.9)
+    for _host, _port, factory, _t, _b in h.reactor.tcpClients[1:]:
+        factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+    assert ct.value() == b""
+    h.reactor.advance(0.1)
+    status, body = status_and_json(ct.value())
+    assert (status, body) == (200, {"result": "success", "msg": "", "events": [], "queue_id": Q1})
+    assert h.parking.parked() == 0 and h.parking.expired == 1
+
+
+def test_a_client_leaving_while_parked_is_dropped_at_once(h: Harness) -> None:
+    h.route()
+    client, _ = h.client()
+    client.dataReceived(get())
+    refuse(h, 0)
+    assert h.parking.parked("a") == 1
+    client.connectionLost(Failure(ConnectionDone()))
+    assert h.parking.parked("a") == 0
+    assert not h.reactor.getDelayedCalls() or all(
+        c.func != h.parking._expired for c in h.reactor.getDelayedCalls()
+    )
+
+
+def test_a_full_lot_answers_503_with_retry_after(h: Harness) -> None:
+    h.route()
+    h.health.failed("a", "test")
+    for _ in range(2):  # max_parked=2 in the harness
+        client, ct = h.client()
+        client.dataReceived(get())
+        assert ct.value() == b""
+    client, ct = h.client()
+    client.dataReceived(get())
+    assert ct.value().startswith(b"HTTP/1.1 503 ") and b"Retry-After: 10\r\n" in ct.value()
+    assert status_and_json(ct.value())[1]["code"] == "SHARD_UNAVAILABLE"
+
+
+def test_a_long_poll_cut_by_a_restarting_shard_waits_too(h: Harness) -> None:
+    h.route()
+    client, ct = h.client()
+    client.dataReceived(get())
+    conn, _ = h.shard_connection(9800)
+    conn.connectionLost(Failure(ConnectionDone()))  # Tornado's SIGTERM drops long-polls
+    assert ct.value() == b"" and h.parking.parked("a") == 1
+    probe = h.reactor.tcpClients[-1][2]  # kansas asks at once whether the shard is going
+    probe.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+    assert h.health.is_down("a")
+
+
+def test_release_is_rate_limited(h: Harness) -> None:
+    h.parking.max_parked = 100
+    h.route()
+    h.health.failed("a", "test")
+    clients = [h.client() for _ in range(20)]
+    for client, _ in clients:
+        client.dataReceived(get())
+    h.connected = len(h.reactor.tcpClients)
+    h.health.succeeded("a")  # back: 100/s, so 5 per 50 ms tick
+    assert len(h.reactor.tcpClients) - h.connected == 5
+    h.reactor.advance(0.05)
+    assert len(h.reactor.tcpClients) - h.connected == 10
+    h.reactor.advance(0.1)
+    assert len(h.reactor.tcpClients) - h.connected == 20
+    assert h.parking.released == 20
+
+
+def test_parking_never_outlasts_the_clients_patience(h: Harness) -> None:
+    h.route()
+    h.front.park_timeout = 80.0
+    client, ct = h.client()
+    client.dataReceived(get())
+    conn, _ = h.shard_connection(9800)
+    h.reactor.advance(40)  # a long-poll held by the shard for 40 s, then cut
+    conn.connectionLost(Failure(ConnectionDone()))
+    h.health.failed("a", "test")
+    h.reactor.advance(44.9)
+    assert ct.value() == b""
+    h.reactor.advance(0.2)  # 85 s after the request arrived, not 40 + 80
+    assert status_and_json(ct.value())[0] == 200
 
 
 def test_non_json_reply_is_replaced_and_its_connection_dropped(h: Harness) -> None:

@@ -17,9 +17,11 @@ from twisted.python import usage
 
 from kansas.errors import ConfigError, KansasError
 from kansas.follower import AssignmentFollower
+from kansas.health import HealthMonitor
 from kansas.proxy.backend import BackendPool
 from kansas.proxy.forwarding import EventRouter
-from kansas.proxy.front import FrontFactory
+from kansas.proxy.front import CLIENT_PATIENCE_SECONDS, FrontFactory
+from kansas.proxy.parking import Parking
 from kansas.proxy.resource import internal_site
 from kansas.routes import RouteTable
 from kansas.stores.postgres import PostgresAuthority, describe_dsn
@@ -58,9 +60,20 @@ class Options(usage.Options):
         ["idle-timeout", None, 75.0, "Seconds an idle client connection is kept.", _positive],
         ["reload-interval", None, 60.0,
          "Seconds between safety-net reloads of the assignment.", _positive],
+        ["park-timeout", None, 50.0,
+         "Seconds a GET waits for its restarting shard before an empty answer "
+         "(keep below Zulip's 90 s client timeout).", _positive],
+        ["release-rate", None, 200.0,
+         "Parked GETs replayed per second to a shard that is back.", _positive],
+        ["max-parked", None, 10000, "Parked GETs per shard; beyond, 503.", int],
+        ["probe-interval", None, 1.0, "Seconds between probes of a down shard.", _positive],
     ]  # fmt: skip
 
     def postOptions(self) -> None:
+        if self["park-timeout"] >= CLIENT_PATIENCE_SECONDS:
+            _fail(f"--park-timeout must be below {CLIENT_PATIENCE_SECONDS:.0f} s")
+        if self["max-parked"] < 0:
+            _fail("--max-parked must be >= 0")
         if not self["postgres"]:
             _fail("--postgres DSN is required (or set KANSAS_POSTGRES)")
         try:
@@ -85,14 +98,29 @@ def _fail(message: str) -> NoReturn:
 class KansasService(MultiService):
     """The listeners and the follower, plus the clean-up of shared connections."""
 
-    def __init__(self, table: RouteTable, pool: BackendPool, authority: PostgresAuthority):
+    def __init__(
+        self,
+        table: RouteTable,
+        pool: BackendPool,
+        authority: PostgresAuthority,
+        health: HealthMonitor,
+        parking: Parking,
+    ):
         super().__init__()
         self.table = table
         self.pool = pool
         self.authority = authority
+        self.health = health
+        self.parking = parking
+
+    def startService(self) -> None:
+        MultiService.startService(self)
+        self.health.start()
 
     def stopService(self) -> Deferred[Any]:
         stopping = MultiService.stopService(self)
+        self.health.stop()
+        self.parking.stop()
 
         def cleanup(result: object) -> Deferred[Any]:
             self.pool.close()
@@ -129,10 +157,17 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         response_timeout=options["backend-timeout"],
     )
 
-    service = KansasService(table, pool, authority)
+    health = HealthMonitor(reactor, follower, interval=options["probe-interval"])
+    parking = Parking(reactor, health, options["max-parked"], options["release-rate"])
+    front = FrontFactory(
+        router, pool, reactor, health, parking,
+        idle_timeout=options["idle-timeout"], park_timeout=options["park-timeout"],
+    )  # fmt: skip
+
+    service = KansasService(table, pool, authority, health, parking)
     follower.setServiceParent(service)
     listeners = [
-        (options["listen"], FrontFactory(router, pool, reactor, options["idle-timeout"])),
+        (options["listen"], front),
         (options["internal-listen"], internal_site(pool, router)),
     ]
     for description, factory in listeners:

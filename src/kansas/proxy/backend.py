@@ -8,6 +8,7 @@ cancelled exchange aborts its connection so the shard drops the parked request t
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any
 from typing import Protocol as TypingProtocol
 
@@ -23,6 +24,15 @@ log = Logger()
 Address = tuple[str, int]
 
 
+class Failed(StrEnum):
+    """Why an exchange ended without a complete response."""
+
+    UNREACHABLE = "unreachable"  # could not connect: the shard is down (or restarting)
+    CLOSED = "closed"  # the shard hung up (say, a Tornado restart cutting its long-polls)
+    TIMEOUT = "timeout"  # no complete answer within the response timeout: a hung shard
+    PROTOCOL = "protocol"  # the shard broke HTTP
+
+
 class ResponseSink(TypingProtocol):
     """Where a backend response goes, part by part. Exactly one of ``response_end`` or
     ``response_failed`` ends every exchange that was not cancelled."""
@@ -30,7 +40,7 @@ class ResponseSink(TypingProtocol):
     def response_head(self, status: int, headers: list[Header]) -> None: ...
     def response_body(self, data: bytes) -> None: ...
     def response_end(self) -> None: ...
-    def response_failed(self, reason: str, started: bool) -> None: ...
+    def response_failed(self, reason: str, started: bool, kind: Failed) -> None: ...
 
 
 class Exchange:
@@ -94,15 +104,16 @@ class Exchange:
         self._close()
         self.sink.response_end()
 
-    def failed(self, reason: str) -> None:
+    def failed(self, reason: str, kind: Failed) -> None:
         if self.done:
             return
         self._close(abort=True)
-        self.sink.response_failed(reason, self.started)
+        self.sink.response_failed(reason, self.started, kind)
 
     def timed_out(self) -> None:
         self.timer = None
-        self.failed(f"shard {self.address[0]}:{self.address[1]} did not answer in time")
+        host, port = self.address
+        self.failed(f"shard {host}:{port} did not answer in time", Failed.TIMEOUT)
 
 
 class BackendConnection(Protocol):
@@ -143,7 +154,8 @@ class BackendConnection(Protocol):
         except HttpError as e:
             exchange = self.exchange
             if exchange is not None:
-                exchange.failed(f"shard {self.address[0]}:{self.address[1]}: {e.message}")
+                host, port = self.address
+                exchange.failed(f"shard {host}:{port}: {e.message}", Failed.PROTOCOL)
             self.abort()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -160,7 +172,8 @@ class BackendConnection(Protocol):
             exchange.retry_safe = False
             self.pool._connect(exchange)
             return
-        exchange.failed(f"shard {self.address[0]}:{self.address[1]} closed the connection")
+        host, port = self.address
+        exchange.failed(f"shard {host}:{port} closed the connection", Failed.CLOSED)
 
     # -- parser events -------------------------------------------------------------------
     def _on_head(self, status: int, headers: list[Header]) -> None:
@@ -198,7 +211,8 @@ class _Connecting(ClientFactory):
         exchange.connector = None
         if not exchange.done:
             host, port = exchange.address
-            exchange.failed(f"shard {host}:{port} is unreachable: {reason.getErrorMessage()}")
+            why = reason.getErrorMessage()
+            exchange.failed(f"shard {host}:{port} is unreachable: {why}", Failed.UNREACHABLE)
 
 
 class BackendPool:

@@ -9,6 +9,7 @@ are forwarded; the internal paths are refused (403) and everything else is 404/4
 
 from __future__ import annotations
 
+import json
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -18,9 +19,10 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from kansas.http.responses import bad_queue_response, error_response, status_line
+from kansas.health import HealthMonitor
+from kansas.http.responses import bad_queue_response, error_response, json_response, status_line
 from kansas.http.wire import Header, HttpError, Request, RequestParser
-from kansas.proxy.backend import BackendPool, Exchange
+from kansas.proxy.backend import BackendPool, Exchange, Failed
 from kansas.proxy.forwarding import (
     EVENT_PATHS,
     INTERNAL_PREFIX,
@@ -33,6 +35,7 @@ from kansas.proxy.forwarding import (
     is_json,
     upstream_head,
 )
+from kansas.proxy.parking import Parked, Parking
 from kansas.router import realm_from_host
 
 log = Logger()
@@ -46,6 +49,9 @@ MAX_AHEAD_BYTES = 64 * 1024
 #: can destroy the answer before the client reads it (say, a 413 for a large body).
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 4 * 1024 * 1024
+#: However long a GET has been parked, it is answered this long after it arrived:
+#: Zulip's clients give up on a request after 90 s.
+CLIENT_PATIENCE_SECONDS = 85.0
 
 _LENGTH, _CHUNKED, _UNTIL_CLOSE = range(3)
 
@@ -59,6 +65,7 @@ class FrontProtocol(Protocol):
     """One client connection: requests one at a time, each relayed to its shard."""
 
     __slots__ = (
+        "arrived",
         "busy",
         "exchange",
         "framing",
@@ -67,6 +74,7 @@ class FrontProtocol(Protocol):
         "in_loop",
         "keep_alive",
         "linger",
+        "parked",
         "parser",
         "peer",
         "pending",
@@ -80,13 +88,15 @@ class FrontProtocol(Protocol):
         self.gone = False
         self.in_loop = False
         self.exchange: Exchange | None = None
-        # What the response in flight needs: (method, queue_id, realm, target, http11)
-        self.pending: tuple[bytes, str, str, Target, bool] | None = None
+        # The request in flight, its queue, realm and target shard.
+        self.pending: tuple[Request, str, str, Target] | None = None
         self.keep_alive = True
         self.framing = _LENGTH
         self.peer = ""
         self.idle_since = 0.0
         self.linger: Any = None  # (timer, bytes still allowed) while closing gracefully
+        self.parked: Parked | None = None  # waiting for a shard to come back
+        self.arrived = 0.0
 
     # -- connection ----------------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -100,6 +110,9 @@ class FrontProtocol(Protocol):
         if self.linger is not None and self.linger[0].active():
             self.linger[0].cancel()
         self.proxy.connections.discard(self)
+        if self.parked is not None:
+            self.proxy.parking.unpark(self.parked)  # at once: a parked client costs memory
+            self.parked = None
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
             exchange.cancel()  # the shard drops the parked request with the connection
@@ -167,6 +180,7 @@ class FrontProtocol(Protocol):
 
     # -- requests ------------------------------------------------------------------------
     def _dispatch(self, request: Request) -> None:
+        self.arrived = self.proxy.clock.seconds()
         path, _, query = request.target.partition(b"?")
         ka = self.keep_alive
         if path in EVENT_PATHS:
@@ -237,17 +251,63 @@ class FrontProtocol(Protocol):
     def _forward(self, target: Target, request: Request, queue_id: str, realm: str) -> None:
         if self.gone:
             return
+        self.pending = (request, queue_id, realm, target)
+        if self.proxy.health.down and self.proxy.health.is_down(target.shard.name):
+            if request.method == b"GET":
+                self._park(target, request, queue_id, realm)
+            else:
+                self._unavailable(target)  # a DELETE is not safe to hold and replay
+            return
         head = upstream_head(
             request.method, request.target, request.headers, self.peer, len(request.body)
         )
-        self.pending = (request.method, queue_id, realm, target, request.version == b"HTTP/1.1")
         self.exchange = self.proxy.pool.send(target.shard.address, head + request.body, self, True)
+
+    def _park(self, target: Target, request: Request, queue_id: str, realm: str) -> None:
+        """Hold a GET until its shard is back (then replay it) or its deadline passes."""
+        proxy = self.proxy
+        now = proxy.clock.seconds()
+        deadline = min(now + proxy.park_timeout, self.arrived + CLIENT_PATIENCE_SECONDS)
+        if deadline <= now:
+            self._empty_success(queue_id)
+            return
+
+        def resume() -> None:
+            self.parked = None
+            self._forward(target, request, queue_id, realm)
+
+        def expire() -> None:
+            self.parked = None
+            self._empty_success(queue_id)
+
+        self.parked = proxy.parking.park(target.shard.name, deadline, resume, expire)
+        if self.parked is None:
+            msg = f"Shard {target.shard.name} is restarting and too many requests wait for it"
+            retry = ((b"Retry-After", b"10"),)
+            self._reply(error_response(503, msg, "SHARD_UNAVAILABLE", self.keep_alive, retry),
+                        self.keep_alive)  # fmt: skip
+
+    def _empty_success(self, queue_id: str) -> None:
+        """What a parked GET gets when its shard stays away: clients simply poll again."""
+        body = (
+            b'{"result":"success","msg":"","events":[],"queue_id":%s}'
+            % json.dumps(queue_id).encode()
+        )
+        self._reply(json_response(200, body, self.keep_alive), self.keep_alive)
+
+    def _unavailable(self, target: Target) -> None:
+        msg = f"Shard {target.shard.name} is unavailable"
+        self._reply(error_response(502, msg, "BAD_GATEWAY", self.keep_alive), self.keep_alive)
 
     # -- ResponseSink: the shard's answer --------------------------------------------------
     def response_head(self, status: int, headers: list[Header]) -> None:
         pending = self.pending
         assert pending is not None
-        method, queue_id, realm, target, http11 = pending
+        request, queue_id, realm, target = pending
+        method, http11 = request.method, request.version == b"HTTP/1.1"
+        health = self.proxy.health
+        if health.down and target.shard.name in health.down:
+            health.succeeded(target.shard.name)
         if not is_json(headers):
             if self.exchange is not None:
                 self.exchange.cancel()
@@ -286,20 +346,29 @@ class FrontProtocol(Protocol):
             self.transport.write(b"0\r\n\r\n")  # type: ignore[union-attr]
         self._done(self.keep_alive)
 
-    def response_failed(self, reason: str, started: bool) -> None:
+    def response_failed(self, reason: str, started: bool, kind: Failed) -> None:
         self.exchange = None
+        pending = self.pending
+        assert pending is not None
+        request, queue_id, realm, target = pending
+        health = self.proxy.health
+        if kind is Failed.UNREACHABLE:
+            health.failed(target.shard.name, reason)
+        elif kind is Failed.CLOSED:
+            health.probe(target.shard.name)  # a Tornado restart cuts its long-polls first
         if self.gone:
             return
-        log.warn("{reason}", reason=reason)
         if started:
             # Part of the answer is out: only a cut connection tells the client.
+            log.warn("{reason}", reason=reason)
             self.gone = True
             self.transport.abortConnection()  # type: ignore[union-attr]
             return
-        pending = self.pending
-        name = pending[3].shard.name if pending is not None else "?"
-        msg = f"Shard {name} is unavailable"
-        self._reply(error_response(502, msg, "BAD_GATEWAY", self.keep_alive), self.keep_alive)
+        if request.method == b"GET" and kind in (Failed.UNREACHABLE, Failed.CLOSED):
+            self._park(target, request, queue_id, realm)
+            return
+        log.warn("{reason}", reason=reason)
+        self._unavailable(target)
 
 
 class FrontFactory(Factory):
@@ -312,12 +381,18 @@ class FrontFactory(Factory):
         router: EventRouter,
         pool: BackendPool,
         clock: Any,
+        health: HealthMonitor,
+        parking: Parking,
         idle_timeout: float = 75.0,
+        park_timeout: float = 50.0,
         reap_interval: float = 5.0,
     ) -> None:
         self.router = router
         self.pool = pool
         self.clock = clock
+        self.health = health
+        self.parking = parking
+        self.park_timeout = park_timeout
         self.idle_timeout = idle_timeout
         self.connections: set[FrontProtocol] = set()
         self._reaper = LoopingCall(self.reap)

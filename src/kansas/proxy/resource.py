@@ -26,7 +26,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from kansas.errors import bad_queue_body, zulip_error_body
 from kansas.http.wire import Header
 from kansas.model import QueueRoute, queue_timeout
-from kansas.proxy.backend import BackendPool, Exchange
+from kansas.proxy.backend import BackendPool, Exchange, Failed
 from kansas.proxy.forwarding import (
     QUEUE_ID,
     EventRouter,
@@ -99,7 +99,7 @@ class CollectedResponse:
     def response_end(self) -> None:
         self.done.callback(self)
 
-    def response_failed(self, reason: str, started: bool) -> None:
+    def response_failed(self, reason: str, started: bool, kind: Failed) -> None:
         self.done.errback(Failure(ConnectionError(reason)))
 
     def json(self) -> dict[str, Any] | None:

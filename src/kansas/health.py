@@ -1,0 +1,122 @@
+"""Which shards are down, learnt passively (failed connections) and actively (probes).
+
+A shard is marked down the moment kansas cannot connect to it, and up again the moment
+a probe connects or any request gets an answer. Probes are plain TCP connects: cheap
+for Tornado, and a restarting Tornado only listens once it has reloaded its queues.
+Down shards are probed every ``interval``; healthy ones ten times less often.
+Each change of state is logged once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from kansas.model import Shard
+from kansas.proxy.forwarding import Directory
+
+log = Logger()
+
+#: Healthy shards are probed once every this many intervals.
+UP_PROBE_EVERY = 10
+
+
+class _Probe(Protocol):
+    def __init__(self, factory: _ProbeFactory) -> None:
+        self.probe = factory
+
+    def connectionMade(self) -> None:
+        self.probe.done(None)
+        assert self.transport is not None
+        self.transport.loseConnection()
+
+
+class _ProbeFactory(ClientFactory):
+    noisy = False
+
+    def __init__(self, monitor: HealthMonitor, shard: Shard) -> None:
+        self.monitor = monitor
+        self.shard = shard
+
+    def buildProtocol(self, addr: Any) -> _Probe:
+        return _Probe(self)
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.done(reason.getErrorMessage())
+
+    def done(self, error: str | None) -> None:
+        self.monitor._probing.discard(self.shard.name)
+        if error is None:
+            self.monitor.succeeded(self.shard.name)
+        else:
+            self.monitor.failed(self.shard.name, error)
+
+
+class HealthMonitor:
+    def __init__(
+        self,
+        reactor: Any,
+        directory: Directory,
+        interval: float = 1.0,
+        probe_timeout: float = 2.0,
+    ) -> None:
+        self.reactor = reactor
+        self.directory = directory
+        self.interval = interval
+        self.probe_timeout = probe_timeout
+        #: name -> (since, why) for every shard believed down
+        self.down: dict[str, tuple[float, str]] = {}
+        #: called whenever a shard is seen to answer (probe or request), down before or not
+        self.on_healthy: list[Callable[[str], object]] = []
+        self._probing: set[str] = set()
+        self._rounds = 0
+        self._loop = LoopingCall(self._probe_round)
+        self._loop.clock = reactor
+
+    def start(self) -> None:
+        self._loop.start(self.interval, now=False)
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+
+    def is_down(self, name: str) -> bool:
+        return name in self.down
+
+    def failed(self, name: str, why: str) -> None:
+        if name in self.down or name not in self.directory.current.shards:
+            return
+        self.down[name] = (self.reactor.seconds(), why)
+        log.warn("shard {name} is down: {why}", name=name, why=why)
+
+    def succeeded(self, name: str) -> None:
+        entry = self.down.pop(name, None)
+        if entry is not None:
+            took = self.reactor.seconds() - entry[0]
+            log.info("shard {name} is up again after {took:.1f} s", name=name, took=took)
+        for callback in self.on_healthy:
+            callback(name)
+
+    def probe(self, name: str) -> None:
+        """Find out now whether a shard answers (a long-poll was cut: is it going away?)."""
+        shard = self.directory.current.shards.get(name)
+        if shard is None or name in self._probing:
+            return
+        self._probing.add(name)
+        host, port = shard.address
+        self.reactor.connectTCP(host, port, _ProbeFactory(self, shard), timeout=self.probe_timeout)
+
+    def _probe_round(self) -> None:
+        self._rounds += 1
+        # Shards that left the assignment are not down any more, just gone.
+        for name in [n for n in self.down if n not in self.directory.current.shards]:
+            del self.down[name]
+        everyone = self._rounds % UP_PROBE_EVERY == 0
+        for name in self.directory.current.shards:
+            if everyone or name in self.down:
+                self.probe(name)

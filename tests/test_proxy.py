@@ -10,6 +10,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -21,6 +22,7 @@ from kansas.proxy.backend import BackendConnection, BackendPool
 from kansas.proxy.forwarding import EventRouter
 from kansas.proxy.front import FrontFactory, FrontProtocol
 from kansas.proxy.parking import Parking
+from kansas.proxy.sending import send_now
 from kansas.routes import RouteTable
 from kansas.stores.memory import MemoryRouteStore
 
@@ -450,3 +452,29 @@ def test_idle_and_slow_connections_are_reaped_busy_ones_are_not(h: Harness) -> N
     h.reactor.advance(80)
     assert it.disconnecting and slt.disconnecting and not bt.disconnecting
     h.front.stopFactory()
+
+
+class FakeSocketTransport(FileDescriptor):
+    """A FileDescriptor whose kernel takes at most ``room`` bytes per send."""
+
+    def __init__(self, room: int) -> None:
+        super().__init__(reactor=MemoryReactorClock())
+        self.connected = True
+        self.room = room
+        self.sent: list[bytes] = []
+
+    def writeSomeData(self, data: bytes) -> int:
+        taken = bytes(data[: self.room])
+        self.sent.append(taken)
+        return len(taken)
+
+
+def test_send_now_sends_at_once_and_buffers_only_the_rest() -> None:
+    whole = FakeSocketTransport(room=100)
+    send_now(whole, b"x" * 10)
+    assert whole.sent == [b"x" * 10] and not whole._tempDataLen
+    partial = FakeSocketTransport(room=4)
+    send_now(partial, b"abcdefgh")
+    assert partial.sent == [b"abcd"] and partial._tempDataBuffer == [b"efgh"]
+    send_now(partial, b"ij")  # something is queued: keep the order, buffer behind it
+    assert partial.sent == [b"abcd"] and partial._tempDataBuffer == [b"efgh", b"ij"]

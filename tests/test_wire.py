@@ -200,3 +200,18 @@ def test_downstream_headers_drop_hop_by_hop() -> None:
         (b"content-type", b"Content-Type", b"application/json"),
     ]
     assert downstream_headers(headers) == [headers[-1]]
+
+
+TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12)
+
+
+@settings(max_examples=300)
+@given(st.lists(st.tuples(TEXT.filter(bool), TEXT), max_size=6))
+def test_query_parsing_matches_the_standard_library(pairs: list[tuple[str, str]]) -> None:
+    from urllib.parse import parse_qsl, urlencode
+
+    from kansas.proxy.front import _params
+
+    query = urlencode(pairs)
+    expected = {k.encode(): v.encode() for k, v in parse_qsl(query, keep_blank_values=True)}
+    assert _params(query.encode()) == expected

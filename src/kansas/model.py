@@ -28,10 +28,11 @@ class Shard:
     name: str
     url: str
     weight: int = 100
+    #: (host, port), parsed from ``url`` once: it is needed on every request.
+    address: tuple[str, int] = field(init=False, compare=False, repr=False)
 
-    @property
-    def address(self) -> tuple[str, int]:
-        return parse_shard_url(self.url)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "address", parse_shard_url(self.url))
 
 
 def parse_shard_url(url: str) -> tuple[str, int]:

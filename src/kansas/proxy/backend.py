@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from kansas.http.wire import Header, HttpError, ResponseParser
+from kansas.proxy.sending import send_now
 
 log = Logger()
 
@@ -131,8 +132,7 @@ class BackendConnection(Protocol):
         self.exchange = exchange
         exchange.conn = self
         self.parser.expect()
-        assert self.transport is not None
-        self.transport.write(exchange.payload)
+        send_now(self.transport, exchange.payload)
 
     def abort(self) -> None:
         if self.transport is not None:

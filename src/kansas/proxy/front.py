@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -36,6 +36,7 @@ from kansas.proxy.forwarding import (
     upstream_head,
 )
 from kansas.proxy.parking import Parked, Parking
+from kansas.proxy.sending import send_now
 from kansas.router import realm_from_host
 
 log = Logger()
@@ -57,8 +58,19 @@ _LENGTH, _CHUNKED, _UNTIL_CLOSE = range(3)
 
 
 def _params(data: bytes) -> dict[bytes, bytes]:
-    # Later values win, as Django's QueryDict does for a single-valued argument.
-    return dict(parse_qsl(data, keep_blank_values=True))
+    """A query string or form body as a dict; later values win, as Django's QueryDict
+    does for a single-valued argument. Decodes only what is encoded (the hot path)."""
+    params = {}
+    for part in data.split(b"&"):
+        if not part:
+            continue
+        name, _, value = part.partition(b"=")
+        if b"%" in value or b"+" in value:
+            value = unquote_to_bytes(value.replace(b"+", b" "))
+        if b"%" in name or b"+" in name:
+            name = unquote_to_bytes(name.replace(b"+", b" "))
+        params[name] = value
+    return params
 
 
 class FrontProtocol(Protocol):
@@ -70,6 +82,7 @@ class FrontProtocol(Protocol):
         "exchange",
         "framing",
         "gone",
+        "head_out",
         "idle_since",
         "in_loop",
         "keep_alive",
@@ -92,6 +105,7 @@ class FrontProtocol(Protocol):
         self.pending: tuple[Request, str, str, Target] | None = None
         self.keep_alive = True
         self.framing = _LENGTH
+        self.head_out = b""
         self.peer = ""
         self.idle_since = 0.0
         self.linger: Any = None  # (timer, bytes still allowed) while closing gracefully
@@ -153,13 +167,14 @@ class FrontProtocol(Protocol):
             self.in_loop = False
 
     def _reply(self, response: bytes, keep_alive: bool) -> None:
-        self.transport.write(response)  # type: ignore[union-attr]
+        send_now(self.transport, response)
         self._done(keep_alive)
 
     def _done(self, keep_alive: bool) -> None:
         self.busy = False
         self.exchange = None
         self.pending = None
+        self.head_out = b""
         self.idle_since = self.proxy.clock.seconds()
         if not keep_alive:
             self._close_gracefully()
@@ -333,17 +348,23 @@ class FrontProtocol(Protocol):
             out.append(b"Connection: keep-alive\r\n")
         out.append(b"\r\n")
         self.framing = framing
-        self.transport.write(b"".join(out))  # type: ignore[union-attr]
+        # Held until the body arrives (almost always in the same read), so the whole
+        # answer usually leaves in one send.
+        self.head_out = b"".join(out)
 
     def response_body(self, data: bytes) -> None:
         if self.framing == _CHUNKED:
-            self.transport.write(b"%x\r\n%s\r\n" % (len(data), data))  # type: ignore[union-attr]
-        else:
-            self.transport.write(data)  # type: ignore[union-attr]
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        if self.head_out:
+            data = self.head_out + data
+            self.head_out = b""
+        send_now(self.transport, data)
 
     def response_end(self) -> None:
-        if self.framing == _CHUNKED:
-            self.transport.write(b"0\r\n\r\n")  # type: ignore[union-attr]
+        tail = self.head_out + b"0\r\n\r\n" if self.framing == _CHUNKED else self.head_out
+        if tail:
+            self.head_out = b""
+            send_now(self.transport, tail)
         self._done(self.keep_alive)
 
     def response_failed(self, reason: str, started: bool, kind: Failed) -> None:

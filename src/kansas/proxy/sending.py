@@ -1,0 +1,32 @@
+"""Send at once when nothing is queued: half the syscalls of ``transport.write``.
+
+``transport.write`` only buffers: the bytes go out on the reactor's next turn, after
+registering the socket for writability and unregistering it again (two ``epoll_ctl``
+calls and an extra wake-up per response). A proxy writes one small answer at a time,
+so when the transport's buffer is empty kansas sends directly, and hands Twisted only
+what the kernel did not take (or the error, which Twisted then reports as usual).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.abstract import FileDescriptor
+
+
+def send_now(transport: Any, data: bytes) -> None:
+    if (
+        isinstance(transport, FileDescriptor)
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._tempDataLen
+        and len(transport.dataBuffer) == transport.offset
+    ):
+        sent = transport.writeSomeData(data)
+        if isinstance(sent, int):
+            if sent == len(data):
+                return
+            data = data[sent:]
+        # Partial send or an error: Twisted buffers the rest, or finds the error again
+        # on its own write and closes the connection the usual way.
+    transport.write(data)

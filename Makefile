@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The checkout on sys.path lets twistd find twisted/plugins/kansas_plugin.py.
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: test lint typecheck suite run bench clean system-deps
+.PHONY: test lint typecheck suite run bench fuzz format clean system-deps
 
 system-deps:
 	@scripts/system-deps.sh
@@ -34,6 +34,9 @@ run: $(BIN)/.installed system-deps
 bench: $(BIN)/.installed
 	@scripts/system-deps.sh wrk
 	$(BIN)/python bench/first_figure.py
+
+fuzz: $(BIN)/.installed
+	KANSAS_FUZZ_EXAMPLES=$${KANSAS_FUZZ_EXAMPLES:-20000} $(BIN)/pytest -q tests/test_fuzz.py -p no:timeout
 
 format: $(BIN)/.installed
 	$(BIN)/ruff format src tests twisted bench

@@ -410,6 +410,15 @@ def test_pipelined_requests_answer_in_order(h: Harness) -> None:
         (b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", 404, "NOT_FOUND"),
         (b"DELETE /json/events HTTP/1.1\r\nContent-Length: 999999\r\n\r\n", 413, "BAD_REQUEST"),
         (b"\x16\x03\x01garbage\r\n\r\n", 400, "BAD_REQUEST"),
+        (b"GET /json/events?queue_id=abc HTTP/1.1\r\nHost: \r\n\r\n", 400, "BAD_REQUEST"),
+        (b"GET /json/events?queue_id=abc HTTP/1.1\r\nHost: a\xffb\r\n\r\n", 400, "BAD_REQUEST"),
+        (
+            b"GET /json/events?queue_id=abc HTTP/1.1\r\nHost: " + b"a" * 300 + b"\r\n\r\n",
+            400,
+            "BAD_REQUEST",
+        ),
+        (b"GET /json/events?queue_id=a\x01b HTTP/1.1\r\nHost: x\r\n\r\n", 400, "BAD_REQUEST"),
+        (b"GET /json/events?queue_id=abc HTTP/1.1\r\nHost: x\rEvil: 1\r\n\r\n", 400, "BAD_REQUEST"),
     ],
 )
 def test_bad_requests_get_json_errors(h: Harness, raw: bytes, status: int, code: str) -> None:
@@ -478,3 +487,15 @@ def test_send_now_sends_at_once_and_buffers_only_the_rest() -> None:
     assert partial.sent == [b"abcd"] and partial._tempDataBuffer == [b"efgh"]
     send_now(partial, b"ij")  # something is queued: keep the order, buffer behind it
     assert partial.sent == [b"abcd"] and partial._tempDataBuffer == [b"efgh", b"ij"]
+
+
+def test_a_slow_head_is_dropped_after_the_header_timeout(h: Harness) -> None:
+    h.front.startFactory()
+    _idle, it = h.client()
+    slow, st = h.client()
+    slow.dataReceived(b"GET /json/events?queue_id=abc HTTP/1.1\r\n")
+    h.reactor.advance(5)
+    slow.dataReceived(b"Host: x\r\n")  # trickling bytes does not reset the clock
+    h.reactor.advance(6)
+    assert st.disconnecting and not it.disconnecting
+    h.front.stopFactory()

@@ -46,6 +46,15 @@ def realm_from_host(host: str | bytes | None) -> str:
     return host.rstrip(".")
 
 
+_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.-_:[]")
+
+
+def valid_realm(realm: str) -> bool:
+    """A realm host kansas will route: a DNS name or IP literal, nothing else (Host
+    headers are client-chosen, and realms end up in logs and Redis values)."""
+    return 0 < len(realm) <= 253 and _HOST_CHARS.issuperset(realm)
+
+
 def hashed_shard(assignment: Assignment, realm: str) -> str | None:
     """The consistent-hash default for a realm over the shards that take new queues."""
     return hashing.pick(realm, ((s.name, s.weight) for s in assignment.shards.values()))

@@ -58,6 +58,8 @@ class Options(usage.Options):
         ["connect-timeout", None, 5.0, "Seconds to connect to a shard.", _positive],
         ["redis-timeout", None, 1.0, "Seconds any Redis call may take.", _positive],
         ["idle-timeout", None, 75.0, "Seconds an idle client connection is kept.", _positive],
+        ["header-timeout", None, 10.0,
+         "Seconds a client may take to send a request head.", _positive],
         ["reload-interval", None, 60.0,
          "Seconds between safety-net reloads of the assignment.", _positive],
         ["park-timeout", None, 50.0,
@@ -162,6 +164,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     front = FrontFactory(
         router, pool, reactor, health, parking,
         idle_timeout=options["idle-timeout"], park_timeout=options["park-timeout"],
+        header_timeout=options["header-timeout"],
     )  # fmt: skip
 
     service = KansasService(table, pool, authority, health, parking)

@@ -29,6 +29,8 @@ HOP_BY_HOP = frozenset(
     }
 )
 
+#: Bytes allowed in a request target: visible ASCII (no controls, spaces or 8-bit).
+_TARGET_BYTES = bytes(range(0x21, 0x7F))
 _TOKEN_CHARS = frozenset(
     b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 )
@@ -173,6 +175,8 @@ class RequestParser:
             raise HttpError(505, "unsupported HTTP version")
         if not target.startswith(b"/"):
             raise HttpError(400, "request target must be a path")
+        if target.translate(None, _TARGET_BYTES):
+            raise HttpError(400, "invalid bytes in the request target")
         return Request(method, target, version, headers, b"", keep_alive, index)
 
     def _body_length(self, request: Request) -> int | None:

@@ -37,7 +37,7 @@ from kansas.proxy.forwarding import (
 )
 from kansas.proxy.parking import Parked, Parking
 from kansas.proxy.sending import send_now
-from kansas.router import realm_from_host
+from kansas.router import realm_from_host, valid_realm
 
 log = Logger()
 
@@ -83,6 +83,7 @@ class FrontProtocol(Protocol):
         "framing",
         "gone",
         "head_out",
+        "head_since",
         "idle_since",
         "in_loop",
         "keep_alive",
@@ -108,6 +109,7 @@ class FrontProtocol(Protocol):
         self.head_out = b""
         self.peer = ""
         self.idle_since = 0.0
+        self.head_since = 0.0
         self.linger: Any = None  # (timer, bytes still allowed) while closing gracefully
         self.parked: Parked | None = None  # waiting for a shard to come back
         self.arrived = 0.0
@@ -137,6 +139,8 @@ class FrontProtocol(Protocol):
             if self.linger[1] < 0:
                 self.transport.abortConnection()  # type: ignore[union-attr]
             return
+        if not self.parser.buffered and not self.busy:
+            self.head_since = self.proxy.clock.seconds()  # a new request head starts
         self.parser.feed(data)
         if self.busy:
             if self.parser.buffered > MAX_AHEAD_BYTES:
@@ -175,7 +179,7 @@ class FrontProtocol(Protocol):
         self.exchange = None
         self.pending = None
         self.head_out = b""
-        self.idle_since = self.proxy.clock.seconds()
+        self.idle_since = self.head_since = self.proxy.clock.seconds()
         if not keep_alive:
             self._close_gracefully()
         elif self.parser.buffered:
@@ -229,11 +233,10 @@ class FrontProtocol(Protocol):
             msg = f"Bad value for 'last_event_id': {last_event_id.decode('utf-8', 'replace')}"
             self._reply(error_response(400, msg, keep_alive=ka), ka)
             return
-        host = request.header(b"host")
-        if host is None and request.version == b"HTTP/1.1":
-            self._reply(error_response(400, "Missing Host header", keep_alive=False), False)
+        realm = realm_from_host(request.header(b"host"))
+        if not valid_realm(realm):
+            self._reply(error_response(400, "Missing or invalid Host header", keep_alive=ka), ka)
             return
-        realm = realm_from_host(host)
         try:
             target = self.proxy.router.route(queue_id, realm)
         except NoShard:
@@ -406,6 +409,7 @@ class FrontFactory(Factory):
         parking: Parking,
         idle_timeout: float = 75.0,
         park_timeout: float = 50.0,
+        header_timeout: float = 10.0,
         reap_interval: float = 5.0,
     ) -> None:
         self.router = router
@@ -414,6 +418,7 @@ class FrontFactory(Factory):
         self.health = health
         self.parking = parking
         self.park_timeout = park_timeout
+        self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
         self.connections: set[FrontProtocol] = set()
         self._reaper = LoopingCall(self.reap)
@@ -431,13 +436,20 @@ class FrontFactory(Factory):
             self._reaper.stop()
 
     def reap(self) -> None:
-        """Close connections idle past ``idle_timeout`` (keep-alive, or a slow head).
+        """Close connections idle past ``idle_timeout``, and those still sending a
+        request head after ``header_timeout`` (slowloris). Requests in flight, long-polls
+        included, are never touched.
 
         One sweep every few seconds costs less than a timer per connection reset on
         every request.
         """
-        deadline = self.clock.seconds() - self.idle_timeout
-        for conn in [c for c in self.connections if not c.busy and c.idle_since < deadline]:
+        now = self.clock.seconds()
+        idle, slow = now - self.idle_timeout, now - self.header_timeout
+        for conn in [
+            c
+            for c in self.connections
+            if not c.busy and (c.idle_since < idle or (c.parser.buffered and c.head_since < slow))
+        ]:
             conn.gone = True
             if conn.transport is not None:
                 conn.transport.loseConnection()

@@ -12,8 +12,8 @@ from enum import StrEnum
 from typing import Any
 from typing import Protocol as TypingProtocol
 
-from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -21,6 +21,9 @@ from kansas.http.wire import Header, HttpError, ResponseParser
 from kansas.proxy.sending import send_now
 
 log = Logger()
+
+#: How often response deadlines are checked: they are enforced to within this.
+SWEEP_INTERVAL = 1.0
 
 Address = tuple[str, int]
 
@@ -51,13 +54,13 @@ class Exchange:
         "address",
         "conn",
         "connector",
+        "deadline",
         "done",
         "payload",
         "pool",
         "retry_safe",
         "sink",
         "started",
-        "timer",
     )
 
     def __init__(
@@ -77,7 +80,7 @@ class Exchange:
         self.connector: Any = None
         self.started = False  # response bytes have reached the sink
         self.done = False
-        self.timer: IDelayedCall | None = None
+        self.deadline = 0.0  # when the pool's sweep gives up on the answer
 
     def cancel(self) -> None:
         """The client went away: drop the exchange and its connection (never reused)."""
@@ -87,13 +90,9 @@ class Exchange:
             self.connector.stopConnecting()
 
     def _close(self, abort: bool = False) -> bool:
-        """Mark done, stop the timer; with ``abort``, drop the connection in use (if any,
-        returning True): it is mid-exchange and can never be reused."""
+        """Mark done; with ``abort``, drop the connection in use (if any, returning
+        True): it is mid-exchange and can never be reused."""
         self.done = True
-        if self.timer is not None:
-            if self.timer.active():
-                self.timer.cancel()
-            self.timer = None
         conn, self.conn = self.conn, None
         if conn is None or not abort:
             return False
@@ -112,7 +111,6 @@ class Exchange:
         self.sink.response_failed(reason, self.started, kind)
 
     def timed_out(self) -> None:
-        self.timer = None
         host, port = self.address
         self.failed(f"shard {host}:{port} did not answer in time", Failed.TIMEOUT)
 
@@ -131,6 +129,7 @@ class BackendConnection(Protocol):
     def send(self, exchange: Exchange) -> None:
         self.exchange = exchange
         exchange.conn = self
+        self.pool._busy.add(self)
         self.parser.expect()
         send_now(self.transport, exchange.payload)
 
@@ -231,6 +230,10 @@ class BackendPool:
         self.max_idle_per_address = max_idle_per_address
         self._idle: dict[Address, list[BackendConnection]] = {}
         self._busy: set[BackendConnection] = set()
+        # One sweep a second for response timeouts, instead of a timer per request
+        # (a timer costs time on every request and memory on every held long-poll).
+        self._sweeper = LoopingCall(self._sweep)
+        self._sweeper.clock = reactor
 
     def send(
         self, address: Address, payload: bytes, sink: ResponseSink, retry_safe: bool
@@ -238,11 +241,12 @@ class BackendPool:
         """Send ``payload`` (a whole HTTP/1.1 request) to ``address``; the response goes
         to ``sink``. ``retry_safe``: may be sent again if a reused connection fails first."""
         exchange = Exchange(self, address, payload, sink, retry_safe)
-        exchange.timer = self.reactor.callLater(self.response_timeout, exchange.timed_out)
+        exchange.deadline = self.reactor.seconds() + self.response_timeout
+        if not self._sweeper.running:
+            self._sweeper.start(SWEEP_INTERVAL, now=False)
         idle = self._idle.get(address)
         if idle:
             conn = idle.pop()
-            self._busy.add(conn)
             conn.reused = True
             conn.send(exchange)
         else:
@@ -274,8 +278,20 @@ class BackendPool:
             return len(self._idle.get(address, ()))
         return sum(map(len, self._idle.values()))
 
+    def _sweep(self) -> None:
+        now = self.reactor.seconds()
+        late = [
+            c.exchange for c in self._busy if c.exchange is not None and c.exchange.deadline <= now
+        ]
+        for exchange in late:
+            exchange.timed_out()
+        if not self._busy and self._sweeper.running:
+            self._sweeper.stop()  # restarted by the next send
+
     def close(self) -> None:
         """Close every idle connection (busy ones end with their exchanges)."""
+        if self._sweeper.running:
+            self._sweeper.stop()
         for idle in list(self._idle.values()):
             for conn in list(idle):
                 conn.abort()

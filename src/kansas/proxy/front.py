@@ -10,7 +10,7 @@ are forwarded; the internal paths are refused (403) and everything else is 404/4
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import Deferred
@@ -73,6 +73,17 @@ def _params(data: bytes) -> dict[bytes, bytes]:
     return params
 
 
+class InFlight(NamedTuple):
+    """The request being served: what the answer and a replay need."""
+
+    method: bytes
+    http11: bool
+    payload: bytes  # the request exactly as sent to the shard
+    queue_id: str
+    realm: str
+    target: Target
+
+
 class FrontProtocol(Protocol):
     """One client connection: requests one at a time, each relayed to its shard."""
 
@@ -102,8 +113,7 @@ class FrontProtocol(Protocol):
         self.gone = False
         self.in_loop = False
         self.exchange: Exchange | None = None
-        # The request in flight, its queue, realm and target shard.
-        self.pending: tuple[Request, str, str, Target] | None = None
+        self.pending: InFlight | None = None
         self.keep_alive = True
         self.framing = _LENGTH
         self.head_out = b""
@@ -269,41 +279,51 @@ class FrontProtocol(Protocol):
     def _forward(self, target: Target, request: Request, queue_id: str, realm: str) -> None:
         if self.gone:
             return
-        self.pending = (request, queue_id, realm, target)
-        if self.proxy.health.down and self.proxy.health.is_down(target.shard.name):
-            if request.method == b"GET":
-                self._park(target, request, queue_id, realm)
-            else:
-                self._unavailable(target)  # a DELETE is not safe to hold and replay
-            return
         head = upstream_head(
             request.method, request.target, request.headers, self.peer, len(request.body)
         )
-        self.exchange = self.proxy.pool.send(target.shard.address, head + request.body, self, True)
+        # Only the bytes for the shard are kept, not the parsed request: a held long-poll
+        # should cost little memory.
+        flight = InFlight(request.method, request.version == b"HTTP/1.1", head + request.body,
+                          queue_id, realm, target)  # fmt: skip
+        self._send(flight)
 
-    def _park(self, target: Target, request: Request, queue_id: str, realm: str) -> None:
+    def _send(self, flight: InFlight) -> None:
+        self.pending = flight
+        target = flight.target
+        if self.proxy.health.down and self.proxy.health.is_down(target.shard.name):
+            if flight.method == b"GET":
+                self._park(flight)
+            else:
+                self._unavailable(target)  # a DELETE is not safe to hold and replay
+            return
+        self.exchange = self.proxy.pool.send(target.shard.address, flight.payload, self, True)
+
+    def _park(self, flight: InFlight) -> None:
         """Hold a GET until its shard is back (then replay it) or its deadline passes."""
         proxy = self.proxy
         now = proxy.clock.seconds()
         deadline = min(now + proxy.park_timeout, self.arrived + CLIENT_PATIENCE_SECONDS)
         if deadline <= now:
-            self._empty_success(queue_id)
+            self._empty_success(flight.queue_id)
             return
-
-        def resume() -> None:
-            self.parked = None
-            self._forward(target, request, queue_id, realm)
-
-        def expire() -> None:
-            self.parked = None
-            self._empty_success(queue_id)
-
-        self.parked = proxy.parking.park(target.shard.name, deadline, resume, expire)
+        name = flight.target.shard.name
+        self.parked = proxy.parking.park(name, deadline, self._resume, self._expire)
         if self.parked is None:
-            msg = f"Shard {target.shard.name} is restarting and too many requests wait for it"
+            msg = f"Shard {name} is restarting and too many requests wait for it"
             retry = ((b"Retry-After", b"10"),)
             self._reply(error_response(503, msg, "SHARD_UNAVAILABLE", self.keep_alive, retry),
                         self.keep_alive)  # fmt: skip
+
+    def _resume(self) -> None:
+        self.parked = None
+        if self.pending is not None and not self.gone:
+            self._send(self.pending)
+
+    def _expire(self) -> None:
+        self.parked = None
+        if self.pending is not None:
+            self._empty_success(self.pending.queue_id)
 
     def _empty_success(self, queue_id: str) -> None:
         """What a parked GET gets when its shard stays away: clients simply poll again."""
@@ -321,8 +341,7 @@ class FrontProtocol(Protocol):
     def response_head(self, status: int, headers: list[Header]) -> None:
         pending = self.pending
         assert pending is not None
-        request, queue_id, realm, target = pending
-        method, http11 = request.method, request.version == b"HTTP/1.1"
+        method, http11, _, queue_id, realm, target = pending
         health = self.proxy.health
         if health.down and target.shard.name in health.down:
             health.succeeded(target.shard.name)
@@ -374,7 +393,7 @@ class FrontProtocol(Protocol):
         self.exchange = None
         pending = self.pending
         assert pending is not None
-        request, queue_id, realm, target = pending
+        target = pending.target
         health = self.proxy.health
         if kind is Failed.UNREACHABLE:
             health.failed(target.shard.name, reason)
@@ -388,8 +407,8 @@ class FrontProtocol(Protocol):
             self.gone = True
             self.transport.abortConnection()  # type: ignore[union-attr]
             return
-        if request.method == b"GET" and kind in (Failed.UNREACHABLE, Failed.CLOSED):
-            self._park(target, request, queue_id, realm)
+        if pending.method == b"GET" and kind in (Failed.UNREACHABLE, Failed.CLOSED):
+            self._park(pending)
             return
         log.warn("{reason}", reason=reason)
         self._unavailable(target)

@@ -29,9 +29,11 @@ REALM = "bench.example.com"
 SECRET = "bench-secret"
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def wrk(port: int, queue_id: str, seconds: int, connections: int) -> tuple[float, int, str]:
@@ -78,7 +80,9 @@ def main() -> None:
             proxied, proxied_n, proxied_err = wrk(
                 kansas.public_port, queue_id, args.seconds, args.connections
             )
-            used = cpu_seconds(kansas.proc.pid) - before
+            after = cpu_seconds(kansas.proc.pid)
+            user, system = after[0] - before[0], after[1] - before[1]
+            used = user + system
         finally:
             kansas.stop()
             shard.stop()
@@ -91,7 +95,9 @@ def main() -> None:
     print(f"| wrk -> kansas -> demo shard | {proxied:,.0f} | {proxied_err} |")
     print(f"ratio kansas/direct: {proxied / direct:.2f}")
     per_request = used / proxied_n * 1e6
-    print(f"kansas CPU per proxied request: {per_request:.0f} µs ({used:.1f} s for {proxied_n:,})")
+    split = f"user {user / proxied_n * 1e6:.0f} µs, system {system / proxied_n * 1e6:.0f} µs"
+    print(f"kansas CPU per proxied request: {per_request:.0f} µs ({split}; {used:.1f} s for"
+          f" {proxied_n:,})")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
+from kansas import lean_reactor
 from kansas.errors import ConfigError, KansasError
 from kansas.follower import AssignmentFollower
 from kansas.health import HealthMonitor
@@ -137,6 +138,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
+    lean_reactor.install(reactor)
     dsn = options["postgres"]
     authority = PostgresAuthority(dsn)
     try:

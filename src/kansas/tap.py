@@ -22,6 +22,7 @@ from kansas.health import HealthMonitor
 from kansas.proxy.backend import BackendPool
 from kansas.proxy.forwarding import EventRouter
 from kansas.proxy.front import CLIENT_PATIENCE_SECONDS, FrontFactory
+from kansas.proxy.notify import NotifyDispatcher
 from kansas.proxy.parking import Parking
 from kansas.proxy.resource import internal_site
 from kansas.routes import RouteTable
@@ -169,11 +170,12 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         header_timeout=options["header-timeout"],
     )  # fmt: skip
 
+    notify = NotifyDispatcher(pool, health)
     service = KansasService(table, pool, authority, health, parking)
     follower.setServiceParent(service)
     listeners = [
         (options["listen"], front),
-        (options["internal-listen"], internal_site(pool, router)),
+        (options["internal-listen"], internal_site(pool, router, notify)),
     ]
     for description, factory in listeners:
         listener = StreamServerEndpointService(serverFromString(reactor, description), factory)

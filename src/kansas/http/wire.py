@@ -407,3 +407,10 @@ class ResponseParser:
     def _finish(self) -> None:
         self._mode = self._IDLE
         self.on_end(self._reusable and not self._buf)
+
+
+def is_json(headers: list[Header]) -> bool:
+    for lname, _name, value in headers:
+        if lname == b"content-type":
+            return b"json" in value.lower()
+    return False

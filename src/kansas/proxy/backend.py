@@ -8,16 +8,18 @@ cancelled exchange aborts its connection so the shard drops the parked request t
 
 from __future__ import annotations
 
+import json
 from enum import StrEnum
 from typing import Any
 from typing import Protocol as TypingProtocol
 
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from kansas.http.wire import Header, HttpError, ResponseParser
+from kansas.http.wire import Header, HttpError, ResponseParser, is_json
 from kansas.proxy.sending import send_now
 
 log = Logger()
@@ -45,6 +47,49 @@ class ResponseSink(TypingProtocol):
     def response_body(self, data: bytes) -> None: ...
     def response_end(self) -> None: ...
     def response_failed(self, reason: str, started: bool, kind: Failed) -> None: ...
+
+
+class ShardFailure(ConnectionError):
+    """An exchange that ended without a complete response, and why."""
+
+    def __init__(self, reason: str, kind: Failed) -> None:
+        super().__init__(reason)
+        self.kind = kind
+
+
+class CollectedResponse:
+    """A ResponseSink that keeps the whole (small) reply: status, headers, body."""
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.headers: list[Header] = []
+        self.parts: list[bytes] = []
+        self.done: Deferred[CollectedResponse] = Deferred()
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.parts)
+
+    def response_head(self, status: int, headers: list[Header]) -> None:
+        self.status, self.headers = status, headers
+
+    def response_body(self, data: bytes) -> None:
+        self.parts.append(data)
+
+    def response_end(self) -> None:
+        self.done.callback(self)
+
+    def response_failed(self, reason: str, started: bool, kind: Failed) -> None:
+        self.done.errback(ShardFailure(reason, kind))
+
+    def json(self) -> dict[str, Any] | None:
+        if not is_json(self.headers):
+            return None
+        try:
+            data = json.loads(self.body)
+        except ValueError:
+            return None
+        return data if isinstance(data, dict) else None
 
 
 class Exchange:

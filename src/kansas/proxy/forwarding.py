@@ -136,10 +136,3 @@ def downstream_headers(headers: list[Header]) -> list[Header]:
         if lname == b"connection":
             listed = {t.strip().lower() for t in value.split(b",")}
     return [h for h in headers if h[0] not in HOP_BY_HOP and h[0] not in listed]
-
-
-def is_json(headers: list[Header]) -> bool:
-    for lname, _name, value in headers:
-        if lname == b"content-type":
-            return b"json" in value.lower()
-    return False

@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 
 from kansas.health import HealthMonitor
 from kansas.http.responses import bad_queue_response, error_response, json_response, status_line
-from kansas.http.wire import Header, HttpError, Request, RequestParser
+from kansas.http.wire import Header, HttpError, Request, RequestParser, is_json
 from kansas.proxy.backend import BackendPool, Exchange, Failed
 from kansas.proxy.forwarding import (
     EVENT_PATHS,
@@ -32,7 +32,6 @@ from kansas.proxy.forwarding import (
     NoShard,
     Target,
     downstream_headers,
-    is_json,
     upstream_head,
 )
 from kansas.proxy.parking import Parked, Parking

@@ -26,17 +26,17 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from kansas.errors import bad_queue_body, zulip_error_body
 from kansas.http.wire import Header
 from kansas.model import QueueRoute, queue_timeout
-from kansas.proxy.backend import BackendPool, Exchange, Failed
+from kansas.proxy.backend import BackendPool, CollectedResponse, Exchange
 from kansas.proxy.forwarding import (
     QUEUE_ID,
     EventRouter,
     NoShard,
     Target,
     downstream_headers,
-    is_json,
     upstream_head,
 )
-from kansas.router import Reason, place_queue, realm_from_host
+from kansas.proxy.notify import NotifyDispatcher
+from kansas.router import place_queue, realm_from_host
 
 log = Logger()
 
@@ -75,41 +75,6 @@ def _arg(request: Request, name: bytes) -> str | None:
 
 def _peer(request: Request) -> str:
     return getattr(request.getClientAddress(), "host", "") or "unknown"
-
-
-class CollectedResponse:
-    """A ResponseSink that keeps the whole (small) reply: status, headers, body."""
-
-    def __init__(self) -> None:
-        self.status = 0
-        self.headers: list[Header] = []
-        self.parts: list[bytes] = []
-        self.done: Deferred[CollectedResponse] = Deferred()
-
-    @property
-    def body(self) -> bytes:
-        return b"".join(self.parts)
-
-    def response_head(self, status: int, headers: list[Header]) -> None:
-        self.status, self.headers = status, headers
-
-    def response_body(self, data: bytes) -> None:
-        self.parts.append(data)
-
-    def response_end(self) -> None:
-        self.done.callback(self)
-
-    def response_failed(self, reason: str, started: bool, kind: Failed) -> None:
-        self.done.errback(Failure(ConnectionError(reason)))
-
-    def json(self) -> dict[str, Any] | None:
-        if not is_json(self.headers):
-            return None
-        try:
-            data = json.loads(self.body)
-        except ValueError:
-            return None
-        return data if isinstance(data, dict) else None
 
 
 def send_to(
@@ -231,14 +196,6 @@ class QueueResource(ShardProxyResource):
         user = _arg(request, b"user_profile_id")
         timeout = queue_timeout(_arg(request, b"lifespan_secs"))
         route = QueueRoute(new_id, target.shard.name, realm, int(user or 0), timeout)
-        log.debug(
-            "queue {q} of {realm} user {u} on {s} ({why})",
-            q=new_id,
-            realm=realm,
-            u=user,
-            s=target.shard.name,
-            why=target.reason,
-        )
         d = self.router.table.record(route)
         # Wait briefly for the mapping to be durable, but answer Django in time anyway.
         clock = self.pool.reactor
@@ -246,23 +203,27 @@ class QueueResource(ShardProxyResource):
 
 
 class BroadcastResource(Resource):
-    """``POST /api/internal/*``: the same call to every shard, replies combined."""
+    """``POST /api/internal/*``: the same call to every shard, replies combined.
+
+    A shard that is down gets the call later, in order (``NotifyDispatcher``): Django
+    is told it succeeded, as a message broker would have taken it.
+    """
 
     isLeaf = True
 
-    def __init__(self, pool: BackendPool, router: EventRouter) -> None:
+    def __init__(self, router: EventRouter, notify: NotifyDispatcher) -> None:
         super().__init__()
-        self.pool = pool
         self.router = router
+        self.notify = notify
 
     def render(self, request: Request) -> bytes | int:
         shards = sorted(self.router.directory.current.shards.values(), key=lambda s: s.name)
         if not shards:
             return _json_error(request, 503, "No shard is registered", "SHARD_UNAVAILABLE")
-        calls = []
-        for shard in shards:
-            _, reply = send_to(self.pool, Target(shard, Reason.HASH, None), request, False)
-            calls.append(reply.done)
+        body = _body(request)
+        head = upstream_head(request.method, request.uri, _headers(request), _peer(request),
+                             len(body))  # fmt: skip
+        calls = [self.notify.deliver(shard, head + body) for shard in shards]
         DeferredList(calls, consumeErrors=True).addCallback(
             self._combine, request, [s.name for s in shards]
         )
@@ -270,19 +231,24 @@ class BroadcastResource(Resource):
 
     def _combine(self, results: list[tuple[bool, Any]], request: Request, names: list[str]) -> None:
         ok: list[dict[str, Any]] = []
+        queued: list[str] = []
         failed: list[str] = []
         first_error: CollectedResponse | None = None
-        for name, (success, reply) in zip(names, results, strict=True):
-            data = reply.json() if success else None
+        for name, (_, outcome) in zip(names, results, strict=True):
+            if outcome.state == "queued":
+                queued.append(name)
+                continue
+            reply = outcome.reply
+            data = reply.json() if reply is not None else None
             if data is not None and reply.status == 200 and data.get("result") == "success":
                 ok.append(data)
-            else:
-                failed.append(name)
-                if success and first_error is None and data is not None:
-                    first_error = reply
-                reason = reply.getErrorMessage() if not success else f"status {reply.status}"
-                log.warn("{path} on shard {s} failed: {r}", path=request.path, s=name, r=reason)
-        if not ok:
+                continue
+            failed.append(name)
+            if first_error is None and data is not None:
+                first_error = reply
+            reason = outcome.reason or f"status {reply.status}"
+            log.warn("{path} on shard {s} failed: {r}", path=request.path, s=name, r=reason)
+        if not ok and not queued:
             # Nobody took it: pass on what the shards said (e.g. a bad secret), or 502.
             if first_error is not None:
                 request.setResponseCode(first_error.status)
@@ -294,7 +260,10 @@ class BroadcastResource(Resource):
         combined: dict[str, Any] = {"result": "success", "msg": ""}
         if request.path.endswith(b"/web_reload_clients"):
             combined["sent_events"] = sum(int(d.get("sent_events", 0)) for d in ok)
-            combined["complete"] = not failed and all(d.get("complete", True) for d in ok)
+            everyone = not (failed or queued)
+            combined["complete"] = everyone and all(d.get("complete", True) for d in ok)
+        if queued:
+            combined["queued_shards"] = queued
         if failed:
             combined["failed_shards"] = failed
         request.setResponseCode(200)
@@ -307,10 +276,10 @@ class InternalRoot(Resource):
 
     isLeaf = True
 
-    def __init__(self, pool: BackendPool, router: EventRouter) -> None:
+    def __init__(self, pool: BackendPool, router: EventRouter, notify: NotifyDispatcher) -> None:
         super().__init__()
         self.queues = QueueResource(pool, router)
-        self.broadcast = BroadcastResource(pool, router)
+        self.broadcast = BroadcastResource(router, notify)
 
     def render(self, request: Request) -> bytes | int:
         path = request.path
@@ -332,8 +301,8 @@ class InternalRoot(Resource):
             return _json_error(request, 500, "Internal error", "INTERNAL")
 
 
-def internal_site(pool: BackendPool, router: EventRouter) -> Site:
-    site = Site(InternalRoot(pool, router))
+def internal_site(pool: BackendPool, router: EventRouter, notify: NotifyDispatcher) -> Site:
+    site = Site(InternalRoot(pool, router, notify))
     site.displayTracebacks = False
     site.noisy = False
     # No access log line per internal call: at Zulip's rate of queue creation it is noise.

@@ -94,10 +94,25 @@ def test_a_refused_flush_keeps_the_letter_and_expired_ones_are_dropped() -> None
     assert len(w.reactor.tcpClients) == w.seen  # nothing sent: it was too old
 
 
-def test_a_shard_hanging_up_mid_delivery_is_not_sent_it_again() -> None:
+def test_a_shard_hanging_up_before_answering_gets_it_again_when_back() -> None:
     w = World()
     outcomes: list[Any] = []
     w.notify.deliver(SHARD, letter(1)).addCallback(outcomes.append)
     conn, _ = w.next_connection()
-    conn.connectionLost(Failure(ConnectionDone()))  # it may have taken it: no duplicate
+    conn.connectionLost(Failure(ConnectionDone()))  # a stopping Tornado, request unread
+    assert outcomes[0].state == "queued" and w.notify.queued("a") == 1
+    w.refuse_next()  # the probe kansas started at once: the shard is gone
+    assert w.health.is_down("a")
+    w.health.succeeded("a")
+    _conn, transport = w.next_connection()
+    assert transport.value().endswith(b"\r\n\r\n1")
+
+
+def test_a_shard_hanging_up_mid_answer_had_taken_it() -> None:
+    w = World()
+    outcomes: list[Any] = []
+    w.notify.deliver(SHARD, letter(1)).addCallback(outcomes.append)
+    conn, _ = w.next_connection()
+    conn.dataReceived(OK[:-5])  # the head and part of the body
+    conn.connectionLost(Failure(ConnectionDone()))
     assert outcomes[0].state == "failed" and w.notify.queued() == 0

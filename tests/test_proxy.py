@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 
 from kansas.health import HealthMonitor
 from kansas.model import Assignment, QueueRoute, Shard
-from kansas.proxy.backend import BackendConnection, BackendPool
+from kansas.proxy.backend import BackendConnection, BackendPool, _Connecting
 from kansas.proxy.forwarding import EventRouter
 from kansas.proxy.front import FrontFactory, FrontProtocol
 from kansas.proxy.parking import Parking
@@ -499,3 +499,21 @@ def test_a_slow_head_is_dropped_after_the_header_timeout(h: Harness) -> None:
     h.reactor.advance(6)
     assert st.disconnecting and not it.disconnecting
     h.front.stopFactory()
+
+
+def test_no_burst_when_releasing_resumes_after_a_pause(h: Harness) -> None:
+    h.parking.max_parked = 100
+    h.route()
+    h.health.failed("a", "test")
+    for client, _ in [h.client() for _ in range(50)]:
+        client.dataReceived(get())
+
+    def replayed() -> int:
+        return sum(isinstance(c[2], _Connecting) for c in h.reactor.tcpClients)
+
+    h.health.succeeded("a")  # 100/s: 5 now
+    assert replayed() == 5
+    h.health.failed("a", "flapped")
+    h.reactor.advance(3.0)  # a pause: the bucket must not bank these 3 s
+    h.health.succeeded("a")
+    assert replayed() == 10

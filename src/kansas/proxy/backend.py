@@ -52,9 +52,16 @@ class ResponseSink(TypingProtocol):
 class ShardFailure(ConnectionError):
     """An exchange that ended without a complete response, and why."""
 
-    def __init__(self, reason: str, kind: Failed) -> None:
+    def __init__(self, reason: str, kind: Failed, started: bool = False) -> None:
         super().__init__(reason)
         self.kind = kind
+        self.started = started  # part of a response had arrived
+
+    @property
+    def unanswered(self) -> bool:
+        """The shard never answered: it could not be reached, or hung up before a single
+        response byte (as a stopping Tornado does with requests it has not handled)."""
+        return not self.started and self.kind in (Failed.UNREACHABLE, Failed.CLOSED)
 
 
 class CollectedResponse:
@@ -80,7 +87,7 @@ class CollectedResponse:
         self.done.callback(self)
 
     def response_failed(self, reason: str, started: bool, kind: Failed) -> None:
-        self.done.errback(ShardFailure(reason, kind))
+        self.done.errback(ShardFailure(reason, kind, started))
 
     def json(self) -> dict[str, Any] | None:
         if not is_json(self.headers):

@@ -6,8 +6,9 @@ every shard; a shard that is restarting would silently miss those events. So, pe
 shard, a mailbox: a notification that cannot be delivered because the shard is down
 (or while older ones wait) is queued and sent, oldest first, as soon as the health
 monitor sees the shard answer again. Bounded in count and age; what falls out is
-logged as lost. A shard that hangs up mid-delivery may or may not have taken the
-notification: it is not re-sent (no duplicate events), and is logged.
+logged as lost. A shard that hangs up before answering at all (a stopping Tornado
+closes the connections it has not served) is sent the notification again later; one
+that hangs up in the middle of its answer had taken it, and is not.
 """
 
 from __future__ import annotations
@@ -88,12 +89,20 @@ class NotifyDispatcher:
         return Outcome("queued")
 
     def _failed(self, failure: Failure, box: _Mailbox, payload: bytes) -> Outcome:
-        error = failure.value
-        if isinstance(error, ShardFailure) and error.kind is Failed.UNREACHABLE:
-            # Never reached the shard: safe to deliver later.
-            self.health.failed(box.shard.name, str(error))
+        if self._unanswered(failure, box):
             return self._queue(box, payload)
         return Outcome("failed", reason=failure.getErrorMessage())
+
+    def _unanswered(self, failure: Failure, box: _Mailbox) -> bool:
+        """The shard did not take it (and is now known down, or being checked)."""
+        error = failure.value
+        if not isinstance(error, ShardFailure) or not error.unanswered:
+            return False
+        if error.kind is Failed.UNREACHABLE:
+            self.health.failed(box.shard.name, str(error))
+        else:
+            self.health.probe(box.shard.name)
+        return True
 
     def _flush(self, name: str) -> None:
         box = self.boxes.get(name)
@@ -126,9 +135,7 @@ class NotifyDispatcher:
 
     def _flush_failed(self, failure: Failure, box: _Mailbox) -> None:
         box.sending = False
-        error = failure.value
-        if isinstance(error, ShardFailure) and error.kind is Failed.UNREACHABLE:
-            self.health.failed(box.shard.name, str(error))
+        if self._unanswered(failure, box):
             return  # kept; retried when the shard is seen again
         box.letters.popleft()
         self.lost += 1

@@ -17,8 +17,11 @@ from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
 
 from kansas.health import HealthMonitor
+
+log = Logger()
 
 #: How often parked requests are released while a shard is up (rate / tick each time).
 RELEASE_TICK = 0.05
@@ -36,13 +39,24 @@ class Parked:
 
 
 class Lot:
-    __slots__ = ("budget", "live", "name", "waiting")
+    __slots__ = (
+        "budget",
+        "last_refill",
+        "live",
+        "name",
+        "release_started",
+        "released",
+        "waiting",
+    )
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.waiting: deque[Parked] = deque()
         self.live = 0  # parked and still waiting (the deque may hold dead entries too)
         self.budget = 0.0  # releases allowed now, refilled at the release rate
+        self.last_refill: float | None = None  # None: not releasing
+        self.released = 0  # in the current release, for the log line at its end
+        self.release_started = 0.0
 
     def __len__(self) -> int:
         return self.live
@@ -63,7 +77,7 @@ class Parking:
         self.lots: dict[str, Lot] = {}
         self.released = 0
         self.expired = 0
-        self._releaser = LoopingCall.withCount(self._release)
+        self._releaser = LoopingCall(self._release)
         self._releaser.clock = clock
         health.on_healthy.append(self._shard_up)
 
@@ -127,16 +141,21 @@ class Parking:
         if not self._releaser.running:
             self._releaser.start(RELEASE_TICK, now=True)
 
-    def _release(self, ticks: int) -> None:
+    def _release(self) -> None:
         releasable = False
+        now = self.clock.seconds()
         for lot in self.lots.values():
             if not lot.live or self.health.is_down(lot.name):
-                lot.budget = 0.0
+                lot.budget, lot.last_refill = 0.0, None
                 continue
-            # The budget refills with time (ticks missed under load included); it never
-            # banks more than that, so a burst never exceeds the rate.
-            refill = self.release_rate * RELEASE_TICK * ticks
-            lot.budget = min(lot.budget + refill, max(1.0, refill))
+            # A token bucket: it refills with the time that passed (a late tick catches
+            # up) but holds at most two ticks' worth, so no burst outruns the rate.
+            since = now - lot.last_refill if lot.last_refill is not None else RELEASE_TICK
+            lot.last_refill = now
+            per_tick = self.release_rate * RELEASE_TICK
+            lot.budget = min(lot.budget + since * self.release_rate, max(1.0, 2 * per_tick))
+            if not lot.released:
+                lot.release_started = self.clock.seconds()
             while lot.budget >= 1.0 and lot.live:
                 parked = lot.waiting.popleft()
                 if not parked.live:
@@ -144,7 +163,14 @@ class Parking:
                 lot.budget -= 1.0
                 self._drop(parked)
                 self.released += 1
+                lot.released += 1
                 parked.resume()
+            if not lot.live and lot.released:
+                took = self.clock.seconds() - lot.release_started
+                rate = lot.released / took if took > 0 else float(lot.released)
+                log.info("released {n} parked requests to shard {s} in {t:.1f} s ({r:.0f}/s)",
+                         n=lot.released, s=lot.name, t=took, r=rate)  # fmt: skip
+                lot.released = 0
             releasable = releasable or bool(lot.live)
         if not releasable and self._releaser.running:
             self._releaser.stop()  # until a shard with parked requests comes back

@@ -25,7 +25,8 @@ lint: $(BIN)/.installed
 typecheck: $(BIN)/.installed
 	$(BIN)/mypy
 
-suite: $(BIN)/.installed system-deps
+suite: $(BIN)/.installed
+	@scripts/system-deps.sh nginx
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 run: $(BIN)/.installed system-deps

@@ -11,6 +11,7 @@ import pytest_twisted
 
 from kansas.ctl import main
 from kansas.model import QueueRoute
+from kansas.schema import SCHEMA_VERSION
 from kansas.stores.redis import RedisRouteStore, parse_redis_url
 from kansas.testing.servers import free_port
 
@@ -23,8 +24,9 @@ def run(*argv: str) -> tuple[int, str]:
 
 def test_manages_shards_pins_and_overrides(postgres_dsn: str) -> None:
     pg = ("--postgres", postgres_dsn)
-    assert run(*pg, "migrate") == (0, "schema version 1 (was 0)\n")
-    assert run(*pg, "migrate") == (0, "schema version 1 (was 1)\n")
+    v = SCHEMA_VERSION  # 2 since the split and regex rules of sharding.json
+    assert run(*pg, "migrate") == (0, f"schema version {v} (was 0)\n")
+    assert run(*pg, "migrate") == (0, f"schema version {v} (was {v})\n")
     assert run(*pg, "shard", "add", "a", "http://127.0.0.1:9800")[0] == 0
     assert run(*pg, "shard", "add", "b", "http://127.0.0.1:9801", "--weight", "0")[0] == 0
     assert run(*pg, "realm", "pin", "Big.Example.com", "b")[0] == 0
@@ -126,3 +128,34 @@ def test_queues_with_redis_down_is_one_line() -> None:
         and out.startswith("kansas-ctl: error: cannot reach Redis")
         and out.count("\n") == 1
     )
+
+
+def test_splits_and_regex_rules(postgres_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
+    pg = ("--postgres", postgres_dsn)
+    run(*pg, "migrate")
+    for name, port in (("a", 9800), ("b", 9801)):
+        run(*pg, "shard", "add", name, f"http://127.0.0.1:{port}")
+    assert run(*pg, "realm", "split", "Big.Example.com", "a", "b") == (
+        0, "split big.example.com: user U goes to shard U % 2 of a b\n")  # fmt: skip
+    assert run(*pg, "where", "big.example.com", "3") == (0, "b (realm-split)\n")
+    assert run(*pg, "realm", "pin", "small.example.com", "a")[0] == 0
+    code, listing = run(*pg, "realm", "list")
+    assert code == 0 and listing.splitlines()[1:] == [
+        "big.example.com    split  a b",
+        "small.example.com  pin    a",
+    ]
+    assert run(*pg, "regex", "add", r"eu\d+\.", "b")[0] == 0
+    assert run(*pg, "regex", "add", ".*", "a")[0] == 0
+    assert run(*pg, "where", "EU12.example.com", "1") == (0, "b (regex)\n")
+    code, listing = run(*pg, "regex", "list")
+    assert code == 0 and [line.split() for line in listing.splitlines()] == [
+        ["#", "PATTERN", "SHARDS"], ["1", r"eu\d+\.", "b"], ["2", ".*", "a"]]  # fmt: skip
+    assert run(*pg, "regex", "remove", ".*") == (0, "removed regex rule .*\n")
+    assert run(*pg, "realm", "unsplit", "big.example.com") == (0, "unsplit big.example.com\n")
+    for argv in (("realm", "split", "x", "a", "nope"), ("realm", "unsplit", "never"),
+                 ("regex", "add", "(", "a"), ("regex", "add", "x", "nope"),
+                 ("regex", "remove", "never")):  # fmt: skip
+        capsys.readouterr()
+        assert run(*pg, *argv)[0] == 1, argv
+        err = capsys.readouterr().err
+        assert err.startswith("kansas-ctl: error: ") and err.count("\n") == 1, err

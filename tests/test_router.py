@@ -8,8 +8,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kansas import hashing
-from kansas.model import Assignment, Shard
-from kansas.router import Decision, Reason, place_queue, realm_from_host, realm_home
+from kansas.model import Assignment, RegexRule, Shard
+from kansas.router import (
+    Decision,
+    Reason,
+    place_queue,
+    realm_from_host,
+    realm_home,
+    realm_shards,
+    regex_rule_index,
+)
 
 REALMS = [f"realm{i}.example.com" for i in range(10_000)]
 
@@ -115,3 +123,136 @@ def test_shares_follow_any_weights(weights: list[int]) -> None:
         expected, sigma = n * p, (n * p * (1 - p)) ** 0.5
         # ±5 %, or 4 standard deviations where a small share makes 5 % mere noise.
         assert abs(counts[f"shard{i}"] - expected) <= max(0.05 * expected, 4 * sigma), counts
+
+
+# -- split realms and regex rules (Zulip's sharding.json) -----------------------------------
+names = st.sampled_from(["a", "b", "c", "d"])
+split_lists = st.lists(names, min_size=1, max_size=5).map(tuple)
+
+
+def four() -> dict[str, Shard]:
+    return shards(("a", 100), ("b", 100), ("c", 100), ("d", 100))
+
+
+@settings(max_examples=200, deadline=None)
+@given(split_lists, st.integers(0, 10**9))
+def test_a_split_sends_user_u_to_shard_u_mod_n(split: tuple[str, ...], user: int) -> None:
+    a = Assignment(four(), realm_splits={"big.example.com": split})
+    assert place_queue(a, "big.example.com", user) == Decision(
+        split[user % len(split)], Reason.REALM_SPLIT
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.one_of(st.none(), names),  # override
+    st.one_of(st.none(), names),  # pin
+    st.one_of(st.none(), split_lists),  # split
+    st.one_of(st.none(), split_lists),  # a matching regex rule
+    st.integers(0, 1000),
+)
+def test_override_beats_pin_or_split_beats_regex_beats_hash(
+    override: str | None,
+    pin: str | None,
+    split: tuple[str, ...] | None,
+    regex: tuple[str, ...] | None,
+    user: int,
+) -> None:
+    realm = "big.example.com"
+    a = Assignment(
+        four(),
+        realm_pins={realm: pin} if pin else {},
+        user_overrides={(realm, user): override} if override else {},
+        realm_splits={realm: split} if split else {},
+        regex_rules=[RegexRule("nomatch", ("d",)), RegexRule("BIG\\.", regex)] if regex else [],
+    )
+    decision = place_queue(a, realm, user)
+    assert decision is not None
+    if override:
+        assert decision == Decision(override, Reason.USER_OVERRIDE)
+    elif pin:  # a realm has a pin or a split (the authority keeps one); the pin is read first
+        assert decision == Decision(pin, Reason.REALM_PIN)
+    elif split:
+        assert decision == Decision(split[user % len(split)], Reason.REALM_SPLIT)
+    elif regex:
+        assert decision == Decision(regex[user % len(regex)], Reason.REGEX)
+    else:
+        assert decision.reason is Reason.HASH
+    assert decision.shard in realm_shards(a, realm)
+
+
+def test_regex_rules_match_like_zulip_first_match_wins() -> None:
+    rules = [
+        RegexRule(r"eu\d*\.", ("a",)),  # re.match: anchored at the start only
+        RegexRule(r".*\.example\.com$", ("b", "c")),
+        RegexRule(r".*", ("d",)),
+    ]
+    a = Assignment(four(), realm_pins={"eu1.pinned.org": "c"}, regex_rules=rules)
+    assert place_queue(a, "eu1.example.com", 1) == Decision("a", Reason.REGEX)
+    assert place_queue(a, "x.eu1.example.com", 1) == Decision("c", Reason.REGEX)  # 1 % 2
+    assert place_queue(a, "x.eu1.example.com", 2) == Decision("b", Reason.REGEX)
+    assert place_queue(a, "elsewhere.org", 5) == Decision("d", Reason.REGEX)
+    assert place_queue(a, "eu1.pinned.org", 5) == Decision("c", Reason.REALM_PIN)  # exact first
+    # Case-insensitive, as Zulip compiles them (realms are lower-cased anyway).
+    assert regex_rule_index(Assignment(regex_rules=[RegexRule("EU", ("a",))]), "eu.x") == 0
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.from_regex(r"[a-c]{1,2}\.?\*?", fullmatch=True), split_lists),
+        max_size=5,
+        unique_by=lambda r: r[0],
+    ),
+    st.lists(st.from_regex(r"[a-d]{0,4}(\.org)?", fullmatch=True), min_size=1, max_size=20),
+)
+def test_the_regex_cache_changes_no_answer(
+    rules: list[tuple[str, tuple[str, ...]]], realms: list[str]
+) -> None:
+    import re
+
+    a = Assignment(four(), regex_rules=[RegexRule(p, s) for p, s in rules])
+    for realm in realms * 2:  # the second pass answers from the cache
+        expected = next((i for i, (p, _) in enumerate(rules) if re.match(p, realm, re.I)), -1)
+        assert regex_rule_index(a, realm) == expected
+    # A new snapshot starts with an empty cache, and equal snapshots stay equal.
+    b = Assignment(four(), regex_rules=[RegexRule(p, s) for p, s in rules])
+    assert b.regex_cache == {} and a == b
+
+
+def test_a_rule_on_a_shard_that_is_gone_falls_to_the_next_rule() -> None:
+    two = shards(("a", 100), ("b", 100))
+    a = Assignment(
+        two,
+        realm_splits={"big": ("a", "gone")},
+        regex_rules=[RegexRule("big", ("b",))],
+    )
+    assert place_queue(a, "big", 2) == Decision("a", Reason.REALM_SPLIT)
+    assert place_queue(a, "big", 3) == Decision("b", Reason.REGEX)  # split -> gone
+    assert realm_shards(a, "big") == ("a", "b")
+    assert realm_home(a, "big") == Decision("a", Reason.REALM_SPLIT)  # user 0's shard
+    lone = Assignment(two, realm_splits={"big": ("gone",)})
+    decision = place_queue(lone, "big", 1)
+    assert decision is not None and decision.reason is Reason.HASH
+    assert realm_shards(lone, "big") == (decision.shard,)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.one_of(st.none(), split_lists),
+    st.one_of(st.none(), split_lists),
+    st.dictionaries(st.integers(0, 50), names, max_size=4),
+)
+def test_realm_shards_holds_every_placement_of_the_realm(
+    split: tuple[str, ...] | None, regex: tuple[str, ...] | None, overrides: dict[int, str]
+) -> None:
+    two_alive = shards(("a", 100), ("b", 100))  # "c" and "d" are gone
+    a = Assignment(
+        two_alive,
+        user_overrides={("r", u): s for u, s in overrides.items()},
+        realm_splits={"r": split} if split else {},
+        regex_rules=[RegexRule("r", regex)] if regex else [],
+    )
+    placed = {d.shard for u in range(60) if (d := place_queue(a, "r", u)) is not None}
+    assert placed <= set(realm_shards(a, "r"))
+    assert set(realm_shards(a, "r")) <= set(two_alive)

@@ -14,7 +14,7 @@ from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from kansas.errors import KansasError, SchemaError, UnknownShard
-from kansas.model import Assignment, QueueRoute, Shard
+from kansas.model import Assignment, QueueRoute, RegexRule, Shard
 from kansas.schema import SCHEMA_VERSION
 from kansas.stores.interface import ROUTE_SLACK_SECONDS, IAuthority, IRouteStore
 from kansas.stores.memory import MemoryAuthority, MemoryRouteStore
@@ -169,6 +169,73 @@ class AuthorityContract:
         assert authority.unpin_realm("big.example.com") is True
         assert authority.unpin_realm("big.example.com") is False
         assert authority.load().realm_pins == {}
+
+    def _three(self, authority: IAuthority) -> None:
+        authority.migrate()
+        for i, name in enumerate("abc"):
+            authority.add_shard(name, f"http://127.0.0.1:{9800 + i}", 100)
+
+    def test_splits(self, authority: IAuthority) -> None:
+        self._three(authority)
+        authority.split_realm("big.example.com", ["b", "a", "b"])  # order and repeats kept
+        assert authority.load().realm_splits == {"big.example.com": ("b", "a", "b")}
+        authority.pin_realm("big.example.com", "c")  # a pin replaces the split ...
+        loaded = authority.load()
+        assert loaded.realm_pins == {"big.example.com": "c"} and loaded.realm_splits == {}
+        authority.split_realm("big.example.com", ["a", "c"])  # ... and a split the pin
+        loaded = authority.load()
+        assert loaded.realm_pins == {} and loaded.realm_splits == {"big.example.com": ("a", "c")}
+        with pytest.raises(UnknownShard, match="nope"):
+            authority.split_realm("x", ["a", "nope"])
+        with pytest.raises(KansasError):
+            authority.split_realm("x", [])
+        assert authority.unsplit_realm("big.example.com") is True
+        assert authority.unsplit_realm("big.example.com") is False
+        assert authority.load() == Assignment(authority.load().shards)
+
+    def test_regex_rules_keep_their_order(self, authority: IAuthority) -> None:
+        self._three(authority)
+        authority.add_regex_rule(r"eu\.", ["a"])
+        authority.add_regex_rule(r".*", ["b", "c"])
+        authority.add_regex_rule(r"eu\.", ["c"])  # a known pattern keeps its place
+        assert list(authority.load().regex_rules) == [
+            RegexRule(r"eu\.", ("c",)),
+            RegexRule(r".*", ("b", "c")),
+        ]
+        with pytest.raises(KansasError, match="bad regex"):
+            authority.add_regex_rule("(", ["a"])
+        with pytest.raises(UnknownShard):
+            authority.add_regex_rule("x", ["nope"])
+        assert authority.remove_regex_rule(r"eu\.") is True
+        assert authority.remove_regex_rule(r"eu\.") is False
+        rules = [RegexRule("z", ("a",)), RegexRule("y", ("b", "a")), RegexRule("x", ("c",))]
+        authority.set_regex_rules(rules)
+        assert list(authority.load().regex_rules) == rules
+        authority.add_regex_rule("w", ["a"])  # after the others
+        assert [r.pattern for r in authority.load().regex_rules] == ["z", "y", "x", "w"]
+        with pytest.raises(UnknownShard):
+            authority.set_regex_rules([RegexRule("v", ("nope",))])
+        with pytest.raises(KansasError, match="twice"):
+            authority.set_regex_rules([RegexRule("v", ("a",)), RegexRule("v", ("b",))])
+        assert [r.pattern for r in authority.load().regex_rules] == ["z", "y", "x", "w"]
+        authority.set_regex_rules([])
+        assert authority.load().regex_rules == ()
+
+    def test_atomic_is_all_or_nothing(self, authority: IAuthority) -> None:
+        self._three(authority)
+        before = authority.load()
+        with pytest.raises(UnknownShard), authority.atomic():
+            authority.add_shard("d", "http://127.0.0.1:9803", 100)
+            authority.pin_realm("one", "d")
+            authority.split_realm("two", ["a", "b"])
+            authority.set_regex_rules([RegexRule(".*", ("c",))])
+            authority.move_user("one", 1, "nope")
+        assert authority.load() == before
+        with authority.atomic():
+            authority.add_shard("d", "http://127.0.0.1:9803", 100)
+            authority.pin_realm("one", "d")
+            assert authority.load().realm_pins == {"one": "d"}  # reads see the writes
+        assert authority.load().realm_pins == {"one": "d"}
 
 
 class TestMemoryAuthority(AuthorityContract):

@@ -15,17 +15,31 @@ from typing import Any, NoReturn
 
 from kansas import __version__
 from kansas.errors import KansasError
-from kansas.model import QueueRoute
+from kansas.model import Assignment, QueueRoute
 from kansas.router import place_queue
 from kansas.schema import SCHEMA_VERSION
 from kansas.stores.interface import IAuthority
 from kansas.stores.postgres import PostgresAuthority
+from kansas.zulip_sharding import (
+    DEFAULT_URL_TEMPLATE,
+    apply_plan,
+    load_sharding,
+    plan_import,
+    plan_rows,
+)
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One line, not argparse's usage block: scripts and humans both read it.
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _port(value: str) -> int:
+    number = int(value)
+    if not 0 < number < 65536:
+        raise argparse.ArgumentTypeError(f"{value} is not a port")
+    return number
 
 
 def _nonnegative(value: str) -> int:
@@ -64,8 +78,52 @@ def build_parser() -> argparse.ArgumentParser:
     pin = realm_cmds.add_parser("pin", help="send a realm's new queues to a shard")
     pin.add_argument("realm")
     pin.add_argument("shard")
-    unpin = realm_cmds.add_parser("unpin", help="return a realm to consistent hashing")
+    unpin = realm_cmds.add_parser(
+        "unpin", help="remove a realm's pin (back to the regex rules, else hashing)"
+    )
     unpin.add_argument("realm")
+    split = realm_cmds.add_parser(
+        "split", help="split a realm by user: user U goes to SHARDS[U % n] (as Zulip does)"
+    )
+    split.add_argument("realm")
+    split.add_argument("shards", nargs="+", metavar="shard")
+    unsplit = realm_cmds.add_parser("unsplit", help="remove a realm's split")
+    unsplit.add_argument("realm")
+    realm_cmds.add_parser("list", help="list the realms' pins and splits")
+
+    regex = commands.add_parser("regex", help="realms by regex (after pins and splits)")
+    regex_cmds = regex.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    regex_cmds.add_parser("list", help="list the regex rules, in matching order")
+    regex_add = regex_cmds.add_parser(
+        "add", help="send realms matching PATTERN (re.match, case-insensitive) to shards"
+    )
+    regex_add.add_argument("pattern")
+    regex_add.add_argument("shards", nargs="+", metavar="shard")
+    regex_remove = regex_cmds.add_parser("remove", help="remove a regex rule")
+    regex_remove.add_argument("pattern")
+
+    imp = commands.add_parser(
+        "import-zulip-sharding",
+        help="create shards and rules from Zulip's sharding.json (every realm stays put)",
+    )
+    imp.add_argument("path", help="Zulip's sharding.json (usually /etc/zulip/sharding.json)")
+    imp.add_argument(
+        "--shard-url-template",
+        default=DEFAULT_URL_TEMPLATE,
+        help="URL of the Tornado process on {port} [default %(default)s]",
+    )
+    imp.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    default = imp.add_mutually_exclusive_group()
+    default.add_argument(
+        "--default-port",
+        type=_port,
+        help="Zulip's TORNADO_PORTS[0], where realms the file does not name live [9800]",
+    )
+    default.add_argument(
+        "--no-default",
+        action="store_true",
+        help="leave realms the file does not name to kansas's hash (they move)",
+    )
 
     user = commands.add_parser("user", help="per-user overrides")
     user_cmds = user.add_subparsers(dest="action", required=True, parser_class=_Parser)
@@ -107,6 +165,21 @@ def _run(args: argparse.Namespace, out: Any) -> None:
             print(f"added shard {shard.name} at {shard.url} (weight {shard.weight})", file=out)
         elif args.command == "shard":
             _print_shards(authority, out)
+        elif args.command == "realm" and args.action == "split":
+            authority.split_realm(args.realm.lower(), args.shards)
+            n = len(args.shards)
+            print(f"split {args.realm.lower()}: user U goes to shard U % {n} of "
+                  f"{' '.join(args.shards)}", file=out)  # fmt: skip
+        elif args.command == "realm" and args.action == "unsplit":
+            if not authority.unsplit_realm(args.realm.lower()):
+                raise KansasError(f"realm {args.realm.lower()!r} has no split")
+            print(f"unsplit {args.realm.lower()}", file=out)
+        elif args.command == "realm" and args.action == "list":
+            _print_realms(authority.load(), out)
+        elif args.command == "regex":
+            _regex(authority, args, out)
+        elif args.command == "import-zulip-sharding":
+            _import(authority, args, out)
         elif args.command == "realm" and args.action == "pin":
             authority.pin_realm(args.realm.lower(), args.shard)
             print(f"pinned {args.realm.lower()} to {args.shard}", file=out)
@@ -124,6 +197,49 @@ def _run(args: argparse.Namespace, out: Any) -> None:
             print(f"{decision.shard} ({decision.reason})", file=out)
     finally:
         authority.close()
+
+
+def _print_realms(assignment: Assignment, out: Any) -> None:
+    rows = [("REALM", "RULE", "SHARDS")]
+    rows += [(realm, "pin", shard) for realm, shard in assignment.realm_pins.items()]
+    rows += [(realm, "split", " ".join(s)) for realm, s in assignment.realm_splits.items()]
+    _table([rows[0], *sorted(rows[1:])], out)
+
+
+def _regex(authority: IAuthority, args: argparse.Namespace, out: Any) -> None:
+    if args.action == "add":
+        authority.add_regex_rule(args.pattern, args.shards)
+        print(f"realms matching {args.pattern} go to {' '.join(args.shards)}", file=out)
+    elif args.action == "remove":
+        if not authority.remove_regex_rule(args.pattern):
+            raise KansasError(f"no regex rule {args.pattern!r}")
+        print(f"removed regex rule {args.pattern}", file=out)
+    else:
+        rows = [("#", "PATTERN", "SHARDS")]
+        rules = authority.load().regex_rules
+        rows += [(str(i), r.pattern, " ".join(r.shards)) for i, r in enumerate(rules, start=1)]
+        _table(rows, out)
+
+
+def _import(authority: IAuthority, args: argparse.Namespace, out: Any) -> None:
+    sharding = load_sharding(args.path)
+    plan = plan_import(
+        sharding,
+        authority.load(),
+        args.shard_url_template,
+        default_port=args.default_port,
+        keep_default=not args.no_default,
+    )
+    _table(plan_rows(plan), out)
+    for warning in plan.warnings:
+        print(f"warning: {warning}", file=out)
+    if args.dry_run:
+        print(f"dry run: {plan.changes} change(s) planned, nothing written", file=out)
+    elif plan.changes:
+        apply_plan(plan, authority)
+        print(f"{plan.changes} change(s) applied", file=out)
+    else:
+        print(f"nothing to change: kansas already places realms as {args.path} does", file=out)
 
 
 def _print_shards(authority: IAuthority, out: Any) -> None:

@@ -7,7 +7,8 @@ store speaks in them.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from urllib.parse import urlsplit
@@ -34,6 +35,12 @@ class Shard:
     def __post_init__(self) -> None:
         object.__setattr__(self, "address", parse_shard_url(self.url))
 
+    @property
+    def port(self) -> int:
+        """The shard's TCP port: Zulip names a Tornado process (and its RabbitMQ queue,
+        ``notify_tornado_port_<port>``) by it."""
+        return self.address[1]
+
 
 def parse_shard_url(url: str) -> tuple[str, int]:
     """``http://host:port`` -> (host, port); anything else is a ConfigError."""
@@ -47,18 +54,70 @@ def parse_shard_url(url: str) -> tuple[str, int]:
     return parts.hostname, port or 80
 
 
+#: Regex matching follows Zulip's ``sharding.json``: ``re.match`` (anchored at the start
+#: only), case-insensitive, Python syntax.
+REGEX_FLAGS = re.IGNORECASE
+
+
+@dataclass(frozen=True, slots=True)
+class RegexRule:
+    """Realms whose name matches ``pattern`` go to ``shards[user_id % len(shards)]``."""
+
+    pattern: str
+    shards: tuple[str, ...]
+    compiled: re.Pattern[str] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shards", check_split(self.shards))
+        object.__setattr__(self, "compiled", compile_realm_regex(self.pattern))
+
+
+def compile_realm_regex(pattern: str) -> re.Pattern[str]:
+    """The compiled rule, or a ConfigError naming what is wrong with it."""
+    try:
+        return re.compile(pattern, REGEX_FLAGS)
+    except (re.error, TypeError) as e:
+        raise ConfigError(f"bad regex {pattern!r}: {e}") from None
+
+
+def check_split(shards: Iterable[str]) -> tuple[str, ...]:
+    """A split's shard list as a tuple: at least one name; repeats are allowed (a shard
+    named twice takes twice the users, as in Zulip's ``sharding.json``)."""
+    names = tuple(shards)
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ConfigError(f"bad shard list {list(names)!r}: name at least one shard")
+    return names
+
+
+#: Realms whose regex verdict one snapshot remembers; beyond, the memory starts afresh.
+REGEX_CACHE_SIZE = 65536
+
+
 @dataclass(frozen=True, slots=True)
 class Assignment:
-    """Where queues should go, as PostgreSQL says: a snapshot, replaced whole on change."""
+    """Where queues should go, as PostgreSQL says: a snapshot, replaced whole on change.
+
+    ``realm_splits`` maps a realm to an ordered list of shards; a user of that realm goes
+    to ``shards[user_id % n]`` (Zulip's split of a realm across Tornado ports).
+    ``regex_rules`` are tried in order, after the exact rules (pins and splits) of a
+    realm, before the hash.
+    """
 
     shards: Mapping[str, Shard] = field(default_factory=dict)
     realm_pins: Mapping[str, str] = field(default_factory=dict)
     user_overrides: Mapping[tuple[str, int], str] = field(default_factory=dict)
+    realm_splits: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    regex_rules: Sequence[RegexRule] = ()
+    #: realm -> index of its first matching regex rule (-1: none); see kansas.router.
+    regex_cache: dict[str, int] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         # Snapshots are shared between callers: make them read-only.
         for name in ("shards", "realm_pins", "user_overrides"):
             object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+        splits = {realm: check_split(names) for realm, names in self.realm_splits.items()}
+        object.__setattr__(self, "realm_splits", MappingProxyType(splits))
+        object.__setattr__(self, "regex_rules", tuple(self.regex_rules))
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,16 +1,30 @@
-"""Routing decisions as pure functions: no I/O, no clock, no reactor.
+"""Routing decisions as pure functions: no I/O, no clock, no reactor, no Twisted.
 
 The proxy asks two questions. Where does a new queue go (``place_queue``)? And where
 does a request for a queue go that kansas has no mapping for (``realm_home``)?
+``kansas.placement`` asks the same questions from inside Django, so this module must
+stay importable without Twisted.
+
+The rules, first match wins:
+
+1. the user's override (``kansas-ctl user move``);
+2. the realm's exact rule: a pin (one shard) or a split (``shards[user_id % n]``,
+   Zulip's user-split realms) -- a realm has at most one of them;
+3. the first regex rule matching the realm (``re.match``, case-insensitive, as in
+   Zulip's ``sharding.json``), which also names one shard or a split;
+4. weighted consistent hashing of the realm over the shards.
+
+A rule that lands on a shard no longer registered is skipped: the next rule decides.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 
 from kansas import hashing
-from kansas.model import Assignment
+from kansas.model import REGEX_CACHE_SIZE, Assignment
 
 
 class Reason(StrEnum):
@@ -19,8 +33,10 @@ class Reason(StrEnum):
     QUEUE_MAPPING = "queue-mapping"
     USER_OVERRIDE = "user-override"
     REALM_PIN = "realm-pin"
+    REALM_SPLIT = "realm-split"
+    REGEX = "regex"
     HASH = "hash"
-    #: No mapping for the queue: sent to its realm's home shard (pin or hash).
+    #: No mapping for the queue: sent to its realm's home shard (its rules, else hash).
     FALLBACK = "fallback"
 
 
@@ -60,22 +76,103 @@ def hashed_shard(assignment: Assignment, realm: str) -> str | None:
     return hashing.pick(realm, ((s.name, s.weight) for s in assignment.shards.values()))
 
 
-def realm_home(assignment: Assignment, realm: str) -> Decision | None:
-    """Where the realm as a whole lives: its pin if it has one, else its hash."""
+def split_shard(shards: tuple[str, ...], user_id: int | None) -> str:
+    """The shard of a split that a user belongs to: ``shards[user_id % n]`` (as Zulip
+    computes it); a request without a user (none in Zulip) counts as user 0."""
+    return shards[(user_id or 0) % len(shards)]
+
+
+def regex_rule_index(assignment: Assignment, realm: str) -> int:
+    """The index of the first regex rule matching ``realm``, or -1.
+
+    Remembered per snapshot (a new snapshot starts with an empty memory), so a realm's
+    regexes are evaluated once, not on every queue creation.
+    """
+    cache = assignment.regex_cache
+    found = cache.get(realm)
+    if found is not None:
+        return found
+    found = -1
+    for index, rule in enumerate(assignment.regex_rules):
+        if rule.compiled.match(realm):
+            found = index
+            break
+    if len(cache) >= REGEX_CACHE_SIZE:
+        cache.clear()
+    cache[realm] = found
+    return found
+
+
+def _realm_rules(assignment: Assignment, realm: str) -> Iterator[tuple[tuple[str, ...], Reason]]:
+    """The realm's rules, most specific first, as (shards, reason): its pin, else its
+    split; then the first regex rule matching it. The hash comes after all of them."""
     pinned = assignment.realm_pins.get(realm)
-    if pinned is not None and pinned in assignment.shards:
-        return Decision(pinned, Reason.REALM_PIN)
+    if pinned is not None:
+        yield (pinned,), Reason.REALM_PIN
+    else:
+        split = assignment.realm_splits.get(realm)
+        if split is not None:
+            yield split, Reason.REALM_SPLIT
+    if assignment.regex_rules:
+        index = regex_rule_index(assignment, realm)
+        if index >= 0:
+            yield assignment.regex_rules[index].shards, Reason.REGEX
+
+
+def _by_rules(assignment: Assignment, realm: str, user_id: int | None) -> Decision | None:
+    for shards, reason in _realm_rules(assignment, realm):
+        chosen = split_shard(shards, user_id)
+        if chosen in assignment.shards:
+            return Decision(chosen, reason)
+    return None
+
+
+def realm_home(assignment: Assignment, realm: str) -> Decision | None:
+    """Where the realm as a whole lives: its pin, split or regex rule, else its hash.
+
+    A split realm has no single home: this is the shard of its user 0 (the first of
+    the split), so a queue of a split realm whose mapping is lost is found only if it
+    lives there (see ``realm_shards`` for every candidate).
+    """
+    decided = _by_rules(assignment, realm, None)
+    if decided is not None:
+        return decided
     hashed = hashed_shard(assignment, realm)
     return None if hashed is None else Decision(hashed, Reason.HASH)
 
 
 def place_queue(assignment: Assignment, realm: str, user_id: int | None) -> Decision | None:
-    """The shard for a new queue: a user override beats a realm pin beats the hash.
+    """The shard for a new queue: a user override beats the realm's pin or split, which
+    beats the first matching regex rule, which beats the hash.
 
     None when no shard can take it (none registered, or all weighted 0).
     """
-    if user_id is not None:
+    if user_id is not None and assignment.user_overrides:
         override = assignment.user_overrides.get((realm, user_id))
         if override is not None and override in assignment.shards:
             return Decision(override, Reason.USER_OVERRIDE)
-    return realm_home(assignment, realm)
+    decided = _by_rules(assignment, realm, user_id)
+    if decided is not None:
+        return decided
+    hashed = hashed_shard(assignment, realm)
+    return None if hashed is None else Decision(hashed, Reason.HASH)
+
+
+def realm_shards(assignment: Assignment, realm: str) -> tuple[str, ...]:
+    """Every registered shard on which ``place_queue`` may put a queue of this realm, in
+    a stable order: its rules' shards (then its hash, if some users reach it), then the
+    shards its users are moved to."""
+    found: dict[str, None] = {}
+    for shards, _reason in _realm_rules(assignment, realm):
+        live = [name for name in shards if name in assignment.shards]
+        found.update(dict.fromkeys(live))
+        if len(live) == len(shards):
+            break  # every user of the realm is decided at this rule
+    else:
+        hashed = hashed_shard(assignment, realm)
+        if hashed is not None:
+            found[hashed] = None
+    for (override_realm, _user), name in sorted(assignment.user_overrides.items()):
+        if override_realm == realm and name in assignment.shards:
+            found[name] = None
+    return tuple(found)

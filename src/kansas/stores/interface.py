@@ -12,10 +12,13 @@ Each has an in-memory reference implementation and one contract-test mixin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
-from kansas.model import Assignment, QueueRoute, Shard
+from kansas.model import Assignment, QueueRoute, RegexRule, Shard
 
 #: How much longer than the shard's own idle timeout a queue mapping lives. kansas
 #: refreshes a mapping at most once a minute per queue, so it always outlives its queue.
@@ -61,13 +64,37 @@ class IAuthority(Interface):
         """Every registered shard, by name."""
 
     def pin_realm(realm: str, shard: str) -> None:
-        """Pin a realm to a shard (UnknownShard if it is not registered)."""
+        """Pin a realm to a shard (UnknownShard if it is not registered); replaces the
+        realm's split if it had one."""
 
     def unpin_realm(realm: str) -> bool:
         """Remove a realm's pin; False if it had none."""
 
     def move_user(realm: str, user_id: int, shard: str) -> None:
         """Send a user's new queues to a shard, whatever the realm's placement."""
+
+    def split_realm(realm: str, shards: Sequence[str]) -> None:
+        """Split a realm by user: user U's new queues go to ``shards[U % len(shards)]``
+        (UnknownShard for a name not registered, KansasError for an empty list);
+        replaces the realm's pin or split."""
+
+    def unsplit_realm(realm: str) -> bool:
+        """Remove a realm's split; False if it had none."""
+
+    def add_regex_rule(pattern: str, shards: Sequence[str]) -> None:
+        """Send realms matching ``pattern`` (and no pin or split) to ``shards`` (split by
+        user if several): a new pattern is tried after the others, a known one keeps its
+        place and gets the new shards. KansasError for a bad regex."""
+
+    def remove_regex_rule(pattern: str) -> bool:
+        """Remove a regex rule; False if there was none."""
+
+    def set_regex_rules(rules: Sequence[RegexRule]) -> None:
+        """Replace every regex rule by these, tried in this order."""
+
+    def atomic() -> AbstractContextManager[None]:
+        """Calls made inside ``with authority.atomic():`` take effect together or not at
+        all (one transaction, so kansas reloads once and never sees half of them)."""
 
     def close() -> None:
         """Release the connection."""

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
 from kansas.errors import KansasError, UnknownShard
-from kansas.model import Assignment, QueueRoute, Shard, check_shard_args
+from kansas.model import (
+    Assignment,
+    QueueRoute,
+    RegexRule,
+    Shard,
+    check_shard_args,
+    check_split,
+    compile_realm_regex,
+)
 from kansas.schema import SCHEMA_VERSION
 from kansas.stores.interface import ROUTE_SLACK_SECONDS, IAuthority, IRouteStore
 
@@ -69,6 +81,8 @@ class MemoryAuthority:
         self._shards: dict[str, Shard] = {}
         self._pins: dict[str, str] = {}
         self._overrides: dict[tuple[str, int], str] = {}
+        self._splits: dict[str, tuple[str, ...]] = {}
+        self._regexes: dict[str, tuple[str, ...]] = {}  # in matching order
 
     def schema_version(self) -> int:
         return self._version
@@ -78,7 +92,13 @@ class MemoryAuthority:
         return self._version
 
     def load(self) -> Assignment:
-        return Assignment(dict(self._shards), dict(self._pins), dict(self._overrides))
+        return Assignment(
+            dict(self._shards),
+            dict(self._pins),
+            dict(self._overrides),
+            dict(self._splits),
+            [RegexRule(pattern, shards) for pattern, shards in self._regexes.items()],
+        )
 
     def add_shard(self, name: str, url: str, weight: int) -> Shard:
         check_shard_args(name, url, weight)
@@ -97,6 +117,7 @@ class MemoryAuthority:
     def pin_realm(self, realm: str, shard: str) -> None:
         self._known(shard)
         self._pins[realm] = shard
+        self._splits.pop(realm, None)
 
     def unpin_realm(self, realm: str) -> bool:
         return self._pins.pop(realm, None) is not None
@@ -104,6 +125,48 @@ class MemoryAuthority:
     def move_user(self, realm: str, user_id: int, shard: str) -> None:
         self._known(shard)
         self._overrides[realm, user_id] = shard
+
+    def _known_all(self, shards: Sequence[str]) -> tuple[str, ...]:
+        names = check_split(shards)
+        for name in names:
+            self._known(name)
+        return names
+
+    def split_realm(self, realm: str, shards: Sequence[str]) -> None:
+        self._splits[realm] = self._known_all(shards)
+        self._pins.pop(realm, None)
+
+    def unsplit_realm(self, realm: str) -> bool:
+        return self._splits.pop(realm, None) is not None
+
+    def add_regex_rule(self, pattern: str, shards: Sequence[str]) -> None:
+        compile_realm_regex(pattern)
+        self._regexes[pattern] = self._known_all(shards)
+
+    def remove_regex_rule(self, pattern: str) -> bool:
+        return self._regexes.pop(pattern, None) is not None
+
+    def set_regex_rules(self, rules: Sequence[RegexRule]) -> None:
+        checked = {rule.pattern: self._known_all(rule.shards) for rule in rules}
+        if len(checked) != len(rules):
+            raise KansasError("the same regex twice in one rule list")
+        self._regexes.clear()
+        self._regexes.update(checked)
+
+    @contextmanager
+    def atomic(self) -> Iterator[None]:
+        # Every value is immutable: copies of the dicts are a full snapshot.
+        saved = [dict(d) for d in self._tables()]
+        try:
+            yield
+        except BaseException:
+            for table, before in zip(self._tables(), saved, strict=True):
+                table.clear()
+                table.update(before)
+            raise
+
+    def _tables(self) -> tuple[dict[Any, Any], ...]:
+        return self._shards, self._pins, self._overrides, self._splits, self._regexes
 
     def close(self) -> None:
         pass

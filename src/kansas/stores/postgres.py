@@ -7,7 +7,9 @@ serving a request.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import psycopg2
@@ -15,11 +17,21 @@ import psycopg2.errors
 from zope.interface import implementer
 
 from kansas.errors import ConfigError, KansasError, SchemaError, UnknownShard
-from kansas.model import Assignment, Shard, check_shard_args
-from kansas.schema import SCHEMA_VERSION, schema_files
+from kansas.model import (
+    Assignment,
+    RegexRule,
+    Shard,
+    check_shard_args,
+    check_split,
+    compile_realm_regex,
+)
+from kansas.schema import NOTIFY_CHANNEL, SCHEMA_VERSION, read_assignment, schema_files
 from kansas.stores.interface import IAuthority
 
-NOTIFY_CHANNEL = "kansas_assignment"
+__all__ = ["NOTIFY_CHANNEL", "PostgresAuthority", "connect", "describe_dsn"]
+T = TypeVar("T")
+#: Regex rules get priorities 10, 20, ...: room to insert one by hand between two.
+PRIORITY_STEP = 10
 #: So that operators (and tests) can tell kansas's sessions apart in pg_stat_activity.
 APPLICATION_NAME = "kansas"
 CONNECT_TIMEOUT_SECONDS = 5
@@ -58,25 +70,53 @@ class PostgresAuthority:
         self._dsn = dsn
         self._application_name = application_name
         self._conn: Any = None
+        self._batch: Any = None  # the cursor of the transaction ``atomic`` holds open
 
     def _connection(self) -> Any:
         if self._conn is None or self._conn.closed:
             self._conn = connect(self._dsn, self._application_name)
         return self._conn
 
-    def _run(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        """One statement in its own transaction; a dropped connection is retried once."""
+    def _write(self, work: Callable[[Any], T]) -> T:
+        """``work(cursor)`` in one transaction (or in the one ``atomic`` opened); a
+        dropped connection is retried once (outside ``atomic``)."""
+        if self._batch is not None:
+            return work(self._batch)
         for attempt in (1, 2):
             conn = self._connection()
             try:
                 with conn, conn.cursor() as cur:
-                    cur.execute(sql, args)
-                    return list(cur.fetchall()) if cur.description else []
+                    return work(cur)
             except (psycopg2.OperationalError, psycopg2.InterfaceError) as e:
                 self.close()
                 if attempt == 2:
                     raise KansasError(f"PostgreSQL ({self.description}) failed: {e}") from None
         raise AssertionError("unreachable")
+
+    def _run(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """One statement in its own transaction; a dropped connection is retried once."""
+
+        def work(cur: Any) -> list[tuple[Any, ...]]:
+            cur.execute(sql, args)
+            return list(cur.fetchall()) if cur.description else []
+
+        return self._write(work)
+
+    @contextmanager
+    def atomic(self) -> Iterator[None]:
+        if self._batch is not None:  # nested: part of the outer transaction
+            yield
+            return
+        conn = self._connection()
+        try:
+            with conn, conn.cursor() as cur:
+                self._batch = cur
+                yield
+        except (psycopg2.OperationalError, psycopg2.InterfaceError) as e:
+            self.close()
+            raise KansasError(f"PostgreSQL ({self.description}) failed: {e}") from None
+        finally:
+            self._batch = None
 
     def schema_version(self) -> int:
         rows = self._run("SELECT to_regclass('kansas_schema_version') IS NOT NULL")
@@ -117,24 +157,20 @@ class PostgresAuthority:
         return current
 
     def load(self) -> Assignment:
+        if self._batch is not None:
+            return read_assignment(self._batch)
         conn = self._connection()
         try:
-            # One snapshot for all three tables, so a reload never sees half a change.
+            # One snapshot for all the tables, so a reload never sees half a change.
             conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
             with conn, conn.cursor() as cur:
-                cur.execute("SELECT name, url, weight FROM kansas_shards")
-                shards = {name: Shard(name, url, weight) for name, url, weight in cur}
-                cur.execute("SELECT realm, shard FROM kansas_realm_pins")
-                pins = dict(cur.fetchall())
-                cur.execute("SELECT realm, user_id, shard FROM kansas_user_overrides")
-                overrides = {(realm, int(uid)): shard for realm, uid, shard in cur}
+                return read_assignment(cur)
         except (psycopg2.OperationalError, psycopg2.InterfaceError) as e:
             self.close()
             raise KansasError(f"PostgreSQL ({self.description}) failed: {e}") from None
         finally:
             if not conn.closed:
                 conn.set_session(isolation_level="DEFAULT", readonly=False)
-        return Assignment(shards, pins, overrides)
 
     def add_shard(self, name: str, url: str, weight: int) -> Shard:
         check_shard_args(name, url, weight)
@@ -158,12 +194,16 @@ class PostgresAuthority:
             raise UnknownShard(f"no shard named {shard!r}") from None
 
     def pin_realm(self, realm: str, shard: str) -> None:
-        self._to_shard(
-            "INSERT INTO kansas_realm_pins (realm, shard) VALUES (%s, %s) ON CONFLICT (realm)"
-            " DO UPDATE SET shard = EXCLUDED.shard, updated_at = now()",
-            (realm, shard),
-            shard,
-        )
+        def work(cur: Any) -> None:
+            _require_shards(cur, (shard,))
+            cur.execute(
+                "INSERT INTO kansas_realm_pins (realm, shard) VALUES (%s, %s)"
+                " ON CONFLICT (realm) DO UPDATE SET shard = EXCLUDED.shard, updated_at = now()",
+                (realm, shard),
+            )
+            cur.execute("DELETE FROM kansas_realm_splits WHERE realm = %s", (realm,))
+
+        self._write(work)
 
     def unpin_realm(self, realm: str) -> bool:
         rows = self._run("DELETE FROM kansas_realm_pins WHERE realm = %s RETURNING realm", (realm,))
@@ -178,7 +218,86 @@ class PostgresAuthority:
             shard,
         )
 
+    def split_realm(self, realm: str, shards: Sequence[str]) -> None:
+        names = check_split(shards)
+
+        def work(cur: Any) -> None:
+            _require_shards(cur, names)
+            cur.execute("DELETE FROM kansas_realm_pins WHERE realm = %s", (realm,))
+            cur.execute("DELETE FROM kansas_realm_splits WHERE realm = %s", (realm,))
+            cur.executemany(
+                "INSERT INTO kansas_realm_splits (realm, position, shard) VALUES (%s, %s, %s)",
+                [(realm, position, name) for position, name in enumerate(names)],
+            )
+
+        self._write(work)
+
+    def unsplit_realm(self, realm: str) -> bool:
+        rows = self._run(
+            "DELETE FROM kansas_realm_splits WHERE realm = %s RETURNING realm", (realm,)
+        )
+        return bool(rows)
+
+    def add_regex_rule(self, pattern: str, shards: Sequence[str]) -> None:
+        compile_realm_regex(pattern)
+        names = check_split(shards)
+
+        def work(cur: Any) -> None:
+            _require_shards(cur, names)
+            # One writer of the rule order at a time.
+            cur.execute("LOCK TABLE kansas_regex_rules IN SHARE ROW EXCLUSIVE MODE")
+            cur.execute(
+                "INSERT INTO kansas_regex_rules (pattern, priority)"
+                " SELECT %s, COALESCE(max(priority), 0) + %s FROM kansas_regex_rules"
+                " ON CONFLICT (pattern) DO UPDATE SET updated_at = now()",
+                (pattern, PRIORITY_STEP),
+            )
+            _insert_rule_shards(cur, pattern, names, replace=True)
+
+        self._write(work)
+
+    def remove_regex_rule(self, pattern: str) -> bool:
+        rows = self._run(
+            "DELETE FROM kansas_regex_rules WHERE pattern = %s RETURNING pattern", (pattern,)
+        )
+        return bool(rows)
+
+    def set_regex_rules(self, rules: Sequence[RegexRule]) -> None:
+        if len({rule.pattern for rule in rules}) != len(rules):
+            raise KansasError("the same regex twice in one rule list")
+
+        def work(cur: Any) -> None:
+            _require_shards(cur, [name for rule in rules for name in rule.shards])
+            cur.execute("LOCK TABLE kansas_regex_rules IN SHARE ROW EXCLUSIVE MODE")
+            cur.execute("DELETE FROM kansas_regex_rules")  # their shards go with them
+            for index, rule in enumerate(rules, start=1):
+                cur.execute(
+                    "INSERT INTO kansas_regex_rules (pattern, priority) VALUES (%s, %s)",
+                    (rule.pattern, index * PRIORITY_STEP),
+                )
+                _insert_rule_shards(cur, rule.pattern, rule.shards, replace=False)
+
+        self._write(work)
+
     def close(self) -> None:
         if self._conn is not None and not self._conn.closed:
             self._conn.close()
         self._conn = None
+
+
+def _require_shards(cur: Any, names: Sequence[str]) -> None:
+    """UnknownShard for the first name that is not a registered shard."""
+    cur.execute("SELECT name FROM kansas_shards WHERE name = ANY(%s)", (list(set(names)),))
+    known = {row[0] for row in cur.fetchall()}
+    for name in names:
+        if name not in known:
+            raise UnknownShard(f"no shard named {name!r}")
+
+
+def _insert_rule_shards(cur: Any, pattern: str, names: Sequence[str], *, replace: bool) -> None:
+    if replace:
+        cur.execute("DELETE FROM kansas_regex_rule_shards WHERE pattern = %s", (pattern,))
+    cur.executemany(
+        "INSERT INTO kansas_regex_rule_shards (pattern, position, shard) VALUES (%s, %s, %s)",
+        [(pattern, position, name) for position, name in enumerate(names)],
+    )

@@ -138,11 +138,15 @@ def test_events_reach_every_client_once_on_the_right_shard(stack: Stack) -> None
     assert redis_command_get(stack, queue_id) is None
 
 
-def redis_command_get(stack: Stack, queue_id: str) -> bytes | None:
-    port = int(stack.redis.rsplit(":", 1)[1].split("/")[0])
+def stack_redis(stack: Stack) -> RedisServer:
+    """The Redis server of the stack, for plain socket commands."""
     server = RedisServer.__new__(RedisServer)
-    server.port = port
-    raw = redis_command(server, "GET", f"kansas:queue:{queue_id}")
+    server.port = int(stack.redis.rsplit(":", 1)[1].split("/")[0])
+    return server
+
+
+def redis_command_get(stack: Stack, queue_id: str) -> bytes | None:
+    raw = redis_command(stack_redis(stack), "GET", f"kansas:queue:{queue_id}")
     return None if raw.startswith(b"$-1") else raw
 
 
@@ -163,14 +167,14 @@ def test_a_lost_mapping_falls_back_to_the_realm_and_is_recorded_again(stack: Sta
     stack.ctl("realm", "pin", TWO, "b")
     stack.kansas.restart()
     queue_id = stack.create_queue(TWO, 9)
-    port = int(stack.redis.rsplit(":", 1)[1].split("/")[0])
-    server = RedisServer.__new__(RedisServer)
-    server.port = port
-    redis_command(server, "FLUSHALL")
+    redis_command(stack_redis(stack), "FLUSHALL")
     stack.kansas.restart()  # empty cache and empty Redis
     assert stack.get(queue_id, TWO).status == 200
-    recorded = redis_command_get(stack, queue_id)
-    assert recorded is not None and b'"shard":"b"' in recorded
+    deadline = time.monotonic() + 5  # the mapping is written just after the answer
+    while (recorded := redis_command_get(stack, queue_id)) is None:
+        assert time.monotonic() < deadline, "the mapping was not recorded again"
+        time.sleep(0.02)
+    assert b'"shard":"b"' in recorded
 
 
 def test_assignment_changes_apply_live(stack: Stack) -> None:

@@ -517,3 +517,35 @@ def test_no_burst_when_releasing_resumes_after_a_pause(h: Harness) -> None:
     h.reactor.advance(3.0)  # a pause: the bucket must not bank these 3 s
     h.health.succeeded("a")
     assert replayed() == 10
+
+
+def test_an_unmapped_queue_of_a_split_realm_is_looked_for_on_each_of_its_shards(
+    h: Harness,
+) -> None:
+    shards = h.directory.current.shards
+    h.directory.current = Assignment(shards, realm_splits={REALM: ("a", "b")})
+    client, ct = h.client()
+    client.dataReceived(get())
+    first, _ = h.shard_connection(9800)  # user 0's shard of the split
+    body = json.dumps({"result": "error", "msg": f"Bad event queue ID: {Q1}",
+                       "code": "BAD_EVENT_QUEUE_ID", "queue_id": Q1}).encode()  # fmt: skip
+    first.dataReceived(ok_reply(body).replace(b"200 OK", b"400 Bad Request"))
+    assert ct.value() == b""  # not relayed: the next shard of the realm is asked
+    second, st = h.shard_connection(9801)
+    assert st.value().startswith(b"GET /json/events?queue_id=")
+    second.dataReceived(ok_reply())
+    assert ct.value().endswith(OK)
+    assert h.store.get(Q1).result == QueueRoute(Q1, "b", REALM, None, 600)
+
+
+def test_the_last_shard_of_the_realm_has_the_last_word(h: Harness) -> None:
+    shards = h.directory.current.shards
+    h.directory.current = Assignment(shards, realm_splits={REALM: ("a", "b")})
+    client, ct = h.client()
+    client.dataReceived(get())
+    reject = ok_reply(b'{"result":"error","msg":"no","code":"BAD_EVENT_QUEUE_ID"}').replace(
+        b"200 OK", b"400 Bad Request"
+    )
+    h.shard_connection(9800)[0].dataReceived(reject)
+    h.shard_connection(9801)[0].dataReceived(reject)
+    assert status_and_json(ct.value())[0] == 400

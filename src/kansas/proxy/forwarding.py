@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred
 
 from kansas.http.wire import HOP_BY_HOP, Header
 from kansas.model import DEFAULT_QUEUE_TIMEOUT, Assignment, QueueRoute, Shard
-from kansas.router import Reason, realm_home
+from kansas.router import Reason, realm_home, realm_shards
 from kansas.routes import RouteTable
 
 #: Queue ids are uuid4 strings (Zulip >= 6) or "<generation>:<counter>" (older).
@@ -45,6 +45,14 @@ class Target:
     shard: Shard
     reason: Reason
     route: QueueRoute | None  # None: not in the table (a fallback, or a new queue)
+    #: For a fallback: the realm's other shards, asked in turn if this one does not know
+    #: the queue (a user-split realm, users moved elsewhere).
+    others: tuple[Shard, ...] = ()
+
+    def next_candidate(self) -> Target | None:
+        if not self.others:
+            return None
+        return Target(self.others[0], self.reason, None, self.others[1:])
 
 
 class NoShard(Exception):
@@ -80,7 +88,12 @@ class EventRouter:
         decision = realm_home(assignment, realm)
         if decision is None:
             raise NoShard(realm)
-        return Target(assignment.shards[decision.shard], Reason.FALLBACK, None)
+        others = tuple(
+            assignment.shards[name]
+            for name in realm_shards(assignment, realm)
+            if name != decision.shard
+        )
+        return Target(assignment.shards[decision.shard], Reason.FALLBACK, None, others)
 
     def answered(
         self, method: bytes, queue_id: str, realm: str, target: Target, status: int

@@ -53,7 +53,7 @@ LINGER_BYTES = 4 * 1024 * 1024
 #: Zulip's clients give up on a request after 90 s.
 CLIENT_PATIENCE_SECONDS = 85.0
 
-_LENGTH, _CHUNKED, _UNTIL_CLOSE = range(3)
+_LENGTH, _CHUNKED, _UNTIL_CLOSE, _DISCARD = range(4)
 
 
 def _params(data: bytes) -> dict[bytes, bytes]:
@@ -344,6 +344,11 @@ class FrontProtocol(Protocol):
         health = self.proxy.health
         if health.down and target.shard.name in health.down:
             health.succeeded(target.shard.name)
+        if status == 400 and target.others:
+            # A queue without a mapping, unknown to this shard of its realm: ask the next
+            # one once this answer is read (user-split realms, users moved elsewhere).
+            self.framing = _DISCARD
+            return
         if not is_json(headers):
             if self.exchange is not None:
                 self.exchange.cancel()
@@ -374,6 +379,8 @@ class FrontProtocol(Protocol):
         self.head_out = b"".join(out)
 
     def response_body(self, data: bytes) -> None:
+        if self.framing == _DISCARD:
+            return
         if self.framing == _CHUNKED:
             data = b"%x\r\n%s\r\n" % (len(data), data)
         if self.head_out:
@@ -382,6 +389,14 @@ class FrontProtocol(Protocol):
         send_now(self.transport, data)
 
     def response_end(self) -> None:
+        if self.framing == _DISCARD:
+            self.framing = _LENGTH
+            flight = self.pending
+            candidate = flight.target.next_candidate() if flight is not None else None
+            if flight is not None and candidate is not None:
+                self.exchange = None
+                self._send(flight._replace(target=candidate))
+            return
         tail = self.head_out + b"0\r\n\r\n" if self.framing == _CHUNKED else self.head_out
         if tail:
             self.head_out = b""

@@ -156,7 +156,27 @@ def test_routes_survive_a_kansas_restart(stack: Stack, sig: int) -> None:
     queues = {(realm, user): stack.create_queue(realm, user) for realm in (ONE, TWO, THREE)
               for user in (1, 2)}  # fmt: skip
     stack.notify({"type": "message"}, [1, 2])
+    held: list[Reply | OSError] = []
+    quiet = stack.create_queue(ONE, 3)  # no events: its long-poll waits
+
+    def long_poll() -> None:
+        try:
+            held.append(stack.get(quiet, ONE, block=True))
+        except OSError as e:  # SIGKILL: the connection is simply cut
+            held.append(e)
+
+    waiting = threading.Thread(target=long_poll)
+    waiting.start()
+    deadline = time.monotonic() + 10
+    while not any(q["parked"] for s in "ab" for q in stack.held_by(s).values()):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
     stack.kansas.restart(sig)
+    waiting.join(10)
+    if sig == signal.SIGTERM:  # a graceful stop answers held long-polls: "poll again"
+        answer = held[0]
+        assert isinstance(answer, Reply) and answer.status == 200, held
+        assert answer.json == {"result": "success", "msg": "", "events": [], "queue_id": quiet}
     for (realm, _user), queue_id in queues.items():
         reply = stack.get(queue_id, realm)
         assert reply.status == 200, reply

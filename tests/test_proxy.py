@@ -549,3 +549,17 @@ def test_the_last_shard_of_the_realm_has_the_last_word(h: Harness) -> None:
     h.shard_connection(9800)[0].dataReceived(reject)
     h.shard_connection(9801)[0].dataReceived(reject)
     assert status_and_json(ct.value())[0] == 400
+
+
+def test_stopping_answers_waiting_long_polls_and_closes_idle_connections(h: Harness) -> None:
+    h.route()
+    polling, pt = h.client()
+    polling.dataReceived(get())
+    _conn, st = h.shard_connection(9800)
+    _idle, it = h.client()
+    h.front.drain()
+    head, _, body = pt.value().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in head
+    assert json.loads(body) == {"result": "success", "msg": "", "events": [], "queue_id": Q1}
+    assert st.disconnected  # the shard's parked request is dropped with its connection
+    assert pt.disconnecting and it.disconnecting

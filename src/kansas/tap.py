@@ -6,6 +6,7 @@ Everything here is wiring; the behaviour lives in the modules it connects.
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any, NoReturn
 
 from twisted.application.internet import StreamServerEndpointService
@@ -100,29 +101,49 @@ def _fail(message: str) -> NoReturn:
 
 
 class KansasService(MultiService):
-    """The listeners and the follower, plus the clean-up of shared connections."""
+    """The listeners and the follower, plus the clean-up of shared connections.
+
+    Stopping (SIGTERM) stops listening, then answers the long-polls in flight with an
+    empty success (clients simply poll again, reaching the next kansas) instead of
+    cutting them; SIGHUP reloads the assignment from PostgreSQL.
+    """
 
     def __init__(
         self,
+        reactor: Any,
         table: RouteTable,
         pool: BackendPool,
         authority: PostgresAuthority,
         health: HealthMonitor,
         parking: Parking,
+        front: FrontFactory,
+        follower: AssignmentFollower,
     ):
         super().__init__()
+        self.reactor = reactor
         self.table = table
         self.pool = pool
         self.authority = authority
         self.health = health
         self.parking = parking
+        self.front = front
+        self.follower = follower
 
     def startService(self) -> None:
         MultiService.startService(self)
         self.health.start()
+        self.reactor.callWhenRunning(self._handle_hangup)
+
+    def _handle_hangup(self) -> None:
+        def hangup(signum: int, frame: object) -> None:
+            log.info("SIGHUP: reloading the assignment from PostgreSQL")
+            self.reactor.callFromThread(self.follower.reload)
+
+        signal.signal(signal.SIGHUP, hangup)
 
     def stopService(self) -> Deferred[Any]:
-        stopping = MultiService.stopService(self)
+        stopping = MultiService.stopService(self)  # stops listening first
+        self.front.drain()
         self.health.stop()
         self.parking.stop()
 
@@ -171,7 +192,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     )  # fmt: skip
 
     notify = NotifyDispatcher(pool, health)
-    service = KansasService(table, pool, authority, health, parking)
+    service = KansasService(reactor, table, pool, authority, health, parking, front, follower)
     follower.setServiceParent(service)
     listeners = [
         (options["listen"], front),

@@ -314,6 +314,24 @@ class FrontProtocol(Protocol):
             self._reply(error_response(503, msg, "SHARD_UNAVAILABLE", self.keep_alive, retry),
                         self.keep_alive)  # fmt: skip
 
+    def stop_gracefully(self) -> None:
+        if not self.busy:
+            self.keep_alive = False
+            self._close_gracefully()
+            return
+        flight = self.pending
+        answering = self.head_out or (self.exchange is not None and self.exchange.started)
+        if flight is None or flight.method != b"GET" or answering:
+            return  # still routing, already answering, or not a GET: let it finish
+        if self.parked is not None:
+            self.proxy.parking.unpark(self.parked)
+            self.parked = None
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.cancel()
+        self.keep_alive = False
+        self._empty_success(flight.queue_id)
+
     def _resume(self) -> None:
         self.parked = None
         if self.pending is not None and not self.gone:
@@ -467,6 +485,16 @@ class FrontFactory(Factory):
     def stopFactory(self) -> None:
         if self._reaper.running:
             self._reaper.stop()
+
+    def drain(self) -> None:
+        """kansas is stopping: answer what can be answered, close the rest.
+
+        A GET still waiting for its shard (or parked) gets the empty success every Zulip
+        client takes as "poll again"; an answer already being relayed, or a DELETE, is
+        left to finish; idle connections are closed.
+        """
+        for conn in list(self.connections):
+            conn.stop_gracefully()
 
     def reap(self) -> None:
         """Close connections idle past ``idle_timeout``, and those still sending a

@@ -159,3 +159,19 @@ def test_splits_and_regex_rules(postgres_dsn: str, capsys: pytest.CaptureFixture
         assert run(*pg, *argv)[0] == 1, argv
         err = capsys.readouterr().err
         assert err.startswith("kansas-ctl: error: ") and err.count("\n") == 1, err
+
+
+def test_every_help_page_renders() -> None:
+    import argparse
+
+    from kansas.ctl import build_parser
+
+    def walk(parser: argparse.ArgumentParser) -> int:
+        parser.format_help()  # raises on a bad help string (a stray "%", say)
+        pages = 1
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                pages += sum(walk(sub) for sub in action.choices.values())
+        return pages
+
+    assert walk(build_parser()) > 10

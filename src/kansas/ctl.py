@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     unpin.add_argument("realm")
     split = realm_cmds.add_parser(
-        "split", help="split a realm by user: user U goes to SHARDS[U % n] (as Zulip does)"
+        "split", help="split a realm by user: user U goes to SHARDS[U %% n] (as Zulip does)"
     )
     split.add_argument("realm")
     split.add_argument("shards", nargs="+", metavar="shard")

@@ -178,9 +178,12 @@ class AssignmentFollower(Service):
         if assignment != self.current:
             self.current = assignment
             log.info(
-                "assignment reloaded: {n} shards, {p} realm pins, {u} user overrides",
+                "assignment reloaded: {n} shards, {p} realm pins, {sp} realm splits,"
+                " {rx} regex rules, {u} user overrides",
                 n=len(assignment.shards),
                 p=len(assignment.realm_pins),
+                sp=len(assignment.realm_splits),
+                rx=len(assignment.regex_rules),
                 u=len(assignment.user_overrides),
             )
             for callback in self.on_change:

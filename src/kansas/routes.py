@@ -4,14 +4,23 @@ The cache answers almost every request without I/O. The store (Redis) is asked o
 miss, written when a queue is created or found, and its expiry pushed back at most once
 per ``touch_interval`` per queue, so the hot path does not write on every request.
 Store failures are logged and survived: the cache and the realm fallback carry on.
+
+A mapping that cannot be written (Redis down or restarting) goes into a write-behind
+journal, replayed once a second until Redis takes it, so a queue created during an
+outage is durable once Redis is back. The journal is bounded (``max_journal``): when
+full, its oldest entries are dropped (logged and counted). Such a queue is still
+served from this process's cache, and after a restart it is found on its realm's
+shards (the fallback) and recorded then; only its user's override could be missed.
+Entries older than their queue's timeout are dropped as pointless.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -28,6 +37,9 @@ class RouteTable:
         clock: IReactorTime,
         max_cached: int = 500_000,
         touch_interval: float = 60.0,
+        max_journal: int = 100_000,
+        replay_interval: float = 1.0,
+        replay_batch: int = 500,
     ) -> None:
         self.store = store
         self._clock = clock
@@ -36,6 +48,15 @@ class RouteTable:
         # queue_id -> [route, when the store's expiry was last pushed back]
         self._cache: dict[str, list[Any]] = {}
         self.store_errors = 0
+        # queue_id -> (route, when it was recorded): writes Redis has not taken yet
+        self._journal: dict[str, tuple[QueueRoute, float]] = {}
+        self.max_journal = max_journal
+        self.journal_dropped = 0
+        self.replay_batch = replay_batch
+        self._replaying = False
+        self._replayer = LoopingCall(self._replay)
+        self._replayer.clock = clock
+        self._replay_interval = replay_interval
 
     def cached(self, queue_id: str) -> QueueRoute | None:
         entry = self._cache.get(queue_id)
@@ -66,11 +87,68 @@ class RouteTable:
         return self.store.get(queue_id).addCallbacks(found, failed)
 
     def record(self, route: QueueRoute) -> Deferred[None]:
-        """Cache a route and write it to the store; fires once written (or failed)."""
+        """Cache a route and write it to the store; fires once written, or once it is
+        in the journal for a later write."""
         self._remember(route)
         d = self.store.put(route)
-        d.addErrback(self._store_failed, "write")
+        d.addErrback(self._write_failed, route)
         return d
+
+    @property
+    def journal_size(self) -> int:
+        return len(self._journal)
+
+    def _write_failed(self, failure: Failure, route: QueueRoute) -> None:
+        self._store_failed(failure, "write")
+        if not self._journal:
+            log.warn("Redis is not taking writes: queue mappings are journalled for replay")
+        self._journal.pop(route.queue_id, None)
+        self._journal[route.queue_id] = (route, self._clock.seconds())
+        if len(self._journal) > self.max_journal:
+            del self._journal[next(iter(self._journal))]  # the oldest goes first
+            self.journal_dropped += 1
+            if self.journal_dropped % 1000 == 1:
+                log.warn("the mapping journal is full: {n} dropped so far", n=self.journal_dropped)
+        if not self._replayer.running:
+            self._replayer.start(self._replay_interval, now=False)
+
+    def _replay(self) -> None:
+        if self._replaying:
+            return
+        if not self._journal:
+            self._replayer.stop()
+            return
+        now = self._clock.seconds()
+        batch = []
+        for queue_id, (route, recorded) in list(self._journal.items())[: self.replay_batch]:
+            if now - recorded > route.timeout:
+                del self._journal[queue_id]  # the shard has dropped the queue by now
+                continue
+            batch.append((queue_id, route, recorded))
+        if not batch:
+            return
+        self._replaying = True
+
+        def written(_: object, queue_id: str, recorded: float) -> None:
+            entry = self._journal.get(queue_id)
+            if entry is not None and entry[1] == recorded:  # not re-recorded meanwhile
+                del self._journal[queue_id]
+
+        puts = [
+            self.store.put(route).addCallback(written, queue_id, recorded)
+            for queue_id, route, recorded in batch
+        ]
+
+        def done(results: list[tuple[bool, Any]]) -> None:
+            self._replaying = False
+            if all(ok for ok, _ in results) and not self._journal:
+                log.info("journalled queue mappings replayed to Redis")
+
+        DeferredList(puts, consumeErrors=True).addCallback(done)
+
+    def stop(self) -> None:
+        if self._replayer.running:
+            self._replayer.stop()
 
     def seen(self, route: QueueRoute) -> None:
         """A request used this route: keep the stored mapping alive as long as the queue."""
@@ -83,6 +161,7 @@ class RouteTable:
 
     def forget(self, queue_id: str) -> Deferred[None]:
         self._cache.pop(queue_id, None)
+        self._journal.pop(queue_id, None)
         d = self.store.delete(queue_id)
         d.addErrback(self._store_failed, "delete")
         return d

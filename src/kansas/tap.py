@@ -146,6 +146,7 @@ class KansasService(MultiService):
         self.front.drain()
         self.health.stop()
         self.parking.stop()
+        self.table.stop()
 
         def cleanup(result: object) -> Deferred[Any]:
             self.pool.close()

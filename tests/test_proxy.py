@@ -563,3 +563,33 @@ def test_stopping_answers_waiting_long_polls_and_closes_idle_connections(h: Harn
     assert json.loads(body) == {"result": "success", "msg": "", "events": [], "queue_id": Q1}
     assert st.disconnected  # the shard's parked request is dropped with its connection
     assert pt.disconnecting and it.disconnecting
+
+
+def test_x_accel_redirect_mode_lets_nginx_hold_mapped_long_polls(h: Harness) -> None:
+    h.front.accel_prefix = "/internal/tornado/{port}"
+    h.route()
+    client, ct = h.client()
+    client.dataReceived(get())
+    head, _, body = ct.value().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and body == b""
+    assert (
+        b"X-Accel-Redirect: /internal/tornado/9800/json/events?queue_id=%s&last_event_id=-1"
+        % Q1.encode()
+    ) in head
+    assert h.reactor.tcpClients == []  # kansas does not hold it
+    # Unmapped queues and DELETEs are still proxied: kansas must see the answer.
+    ct.clear()
+    client.dataReceived(get("5b0c6c58-1f8c-4c57-9a4a-00000000ffff"))
+    h.shard_connection(9801)
+    assert ct.value() == b""
+
+
+def test_x_accel_redirect_waits_for_a_down_shard_too(h: Harness) -> None:
+    h.front.accel_prefix = "/internal/tornado/{port}"
+    h.route()
+    h.health.failed("a", "restarting")
+    client, ct = h.client()
+    client.dataReceived(get())
+    assert ct.value() == b"" and h.parking.parked("a") == 1
+    h.health.succeeded("a")
+    assert b"X-Accel-Redirect: /internal/tornado/9800/" in ct.value()

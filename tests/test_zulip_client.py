@@ -174,7 +174,9 @@ def send_event(placement: Placement, realm: str, event: dict[str, Any], users: l
 
 
 # -- nginx with contrib/nginx/ --------------------------------------------------------------
-def nginx_config(tmp: Path, port: int, kansas_port: int, django_port: int) -> Path:
+def nginx_config(
+    tmp: Path, port: int, kansas_port: int, django_port: int, accel: bool = False
+) -> Path:
     contrib = CHECKOUT / "contrib" / "nginx"
     upstream = (contrib / "kansas-upstream.conf").read_text()
     assert upstream.count("127.0.0.1:9799") == 1
@@ -183,6 +185,7 @@ def nginx_config(tmp: Path, port: int, kansas_port: int, django_port: int) -> Pa
         (tmp / name).mkdir(exist_ok=True)
     user = "user root;" if os.geteuid() == 0 else ""
     config = tmp / "nginx.conf"
+    accel_include = f"include {contrib / 'kansas-x-accel.conf'};" if accel else ""
     config.write_text(f"""
 {user}
 worker_processes 1;
@@ -191,7 +194,8 @@ pid {tmp}/nginx.pid;
 error_log {tmp}/nginx-error.log info;
 events {{ worker_connections 1024; }}
 http {{
-    access_log {tmp}/nginx-access.log;
+    log_format upstream '$request $status upstream=$upstream_addr';
+    access_log {tmp}/nginx-access.log upstream;
     client_body_temp_path {tmp}/client_body;
     proxy_temp_path {tmp}/proxy;
     fastcgi_temp_path {tmp}/fastcgi;
@@ -207,6 +211,7 @@ http {{
             proxy_set_header Host $host;
         }}
         include {contrib / "kansas.conf"};
+        {accel_include}
     }}
 }}
 """)
@@ -214,10 +219,10 @@ http {{
 
 
 class Nginx(Child):
-    def __init__(self, tmp: Path, kansas_port: int, django_port: int) -> None:
+    def __init__(self, tmp: Path, kansas_port: int, django_port: int, accel: bool) -> None:
         assert NGINX is not None
         self.port = free_port()
-        config = nginx_config(tmp, self.port, kansas_port, django_port)
+        config = nginx_config(tmp, self.port, kansas_port, django_port, accel)
         argv = [NGINX, "-p", str(tmp), "-c", str(config), "-e", str(tmp / "nginx-error.log")]
         super().__init__("nginx", argv, tmp)
 
@@ -229,7 +234,7 @@ class Nginx(Child):
 
 # -- the stack ------------------------------------------------------------------------------
 class Stack:
-    def __init__(self, tmp: Path, dsn: str, redis_url: str) -> None:
+    def __init__(self, tmp: Path, dsn: str, redis_url: str, accel: bool = False) -> None:
         self.tmp, self.dsn = tmp, dsn
         self.children: list[Any] = []
         self.shards = [self._child(DemoShardProcess(n, tmp, SECRET, heartbeat=30).start())
@@ -241,11 +246,14 @@ class Stack:
         self.ctl("migrate")
         # Zulip's default port is 9800; here x stands for it.
         self.ctl("import-zulip-sharding", str(tmp / "sharding.json"), "--default-port", str(x))
-        self.kansas = self._child(KansasProcess(tmp, dsn, redis_url).start())
+        extra = ["--x-accel-redirect", "/internal/tornado/{port}"] if accel else []
+        self.kansas = self._child(KansasProcess(tmp, dsn, redis_url, extra).start())
         self.users = Users()
         self.django = FakeDjango(self.kansas.internal_port, self.users)
         threading.Thread(target=self.django.serve_forever, daemon=True).start()
-        self.nginx = self._child(Nginx(tmp, self.kansas.public_port, self.django.port).start())
+        self.nginx = self._child(
+            Nginx(tmp, self.kansas.public_port, self.django.port, accel).start()
+        )
         # The event path: kansas's placement, followed live (and Redis for older queues).
         self.placement = Placement(dsn, redis_url=redis_url, redis_interval=3600).start()
 
@@ -289,8 +297,10 @@ class RealmClient(zulip.Client):  # type: ignore[misc]
 
 
 @pytest.fixture
-def stack(tmp_path: Path, postgres_dsn: str, redis_url: str) -> Iterator[Stack]:
-    s = Stack(tmp_path, postgres_dsn, redis_url)
+def stack(
+    request: pytest.FixtureRequest, tmp_path: Path, postgres_dsn: str, redis_url: str
+) -> Iterator[Stack]:
+    s = Stack(tmp_path, postgres_dsn, redis_url, accel=getattr(request, "param", False))
     try:
         yield s
     finally:
@@ -298,6 +308,7 @@ def stack(tmp_path: Path, postgres_dsn: str, redis_url: str) -> Iterator[Stack]:
 
 
 @needs_nginx
+@pytest.mark.parametrize("stack", [False, True], ids=["proxied", "x-accel"], indirect=True)
 def test_register_get_events_deregister(stack: Stack) -> None:
     client = stack.client(ONE, 11)
     assert client.zulip_version == ZULIP_VERSION
@@ -329,6 +340,12 @@ def test_register_get_events_deregister(stack: Stack) -> None:
     assert gone["result"] == "error" and gone["code"] == "BAD_EVENT_QUEUE_ID", gone
     log = (stack.tmp / "nginx-access.log").read_text()
     assert "GET /api/v1/events?" in log and "DELETE /api/v1/events" in log  # through nginx
+    gets = [line for line in log.splitlines() if line.startswith("GET /api/v1/events?")]
+    if "--x-accel-redirect" in stack.kansas.argv:
+        # nginx held the long-polls on the shard itself, after kansas's redirect.
+        assert any(f"127.0.0.1:{x.port}" in line for line in gets), gets
+    else:
+        assert not any(f"127.0.0.1:{x.port}" in line for line in gets), gets
 
 
 class Stop(Exception):

@@ -72,11 +72,23 @@ class Options(usage.Options):
          "Parked GETs replayed per second to a shard that is back.", _positive],
         ["max-parked", None, 10000, "Parked GETs per shard; beyond, 503.", int],
         ["probe-interval", None, 1.0, "Seconds between probes of a down shard.", _positive],
+        ["x-accel-redirect", None, None,
+         "Answer GETs for mapped queues with X-Accel-Redirect to PREFIX + the request "
+         "(PREFIX may use {port}, {host}, {shard}; e.g. /internal/tornado/{port}), so "
+         "nginx holds the long-poll itself. Off by default."],
     ]  # fmt: skip
 
     def postOptions(self) -> None:
         if self["park-timeout"] >= CLIENT_PATIENCE_SECONDS:
             _fail(f"--park-timeout must be below {CLIENT_PATIENCE_SECONDS:.0f} s")
+        accel = self["x-accel-redirect"]
+        if accel is not None:
+            try:
+                accel.format(port=9800, host="127.0.0.1", shard="a")
+            except (KeyError, IndexError, ValueError) as e:
+                _fail(f"bad --x-accel-redirect {accel!r}: {e!r}")
+            if not accel.startswith("/"):
+                _fail(f"bad --x-accel-redirect {accel!r}: must be a path")
         if self["max-parked"] < 0:
             _fail("--max-parked must be >= 0")
         if not self["postgres"]:
@@ -189,7 +201,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     front = FrontFactory(
         router, pool, reactor, health, parking,
         idle_timeout=options["idle-timeout"], park_timeout=options["park-timeout"],
-        header_timeout=options["header-timeout"],
+        header_timeout=options["header-timeout"], accel_prefix=options["x-accel-redirect"],
     )  # fmt: skip
 
     notify = NotifyDispatcher(pool, health)

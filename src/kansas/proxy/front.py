@@ -296,7 +296,23 @@ class FrontProtocol(Protocol):
             else:
                 self._unavailable(target)  # a DELETE is not safe to hold and replay
             return
+        if self.proxy.accel_prefix is not None and flight.method == b"GET" and target.route:
+            self._accel_redirect(flight)
+            return
         self.exchange = self.proxy.pool.send(target.shard.address, flight.payload, self, True)
+
+    def _accel_redirect(self, flight: InFlight) -> None:
+        """X-Accel-Redirect mode: nginx holds the long-poll itself, on its internal
+        location for the shard; kansas only decides where (and refreshes the mapping)."""
+        route, template = flight.target.route, self.proxy.accel_prefix
+        assert route is not None and template is not None
+        self.proxy.router.table.seen(route)
+        payload = flight.payload
+        uri = payload[4 : payload.index(b" HTTP/1.1\r\n")]  # "GET <uri> HTTP/1.1"
+        host, port = flight.target.shard.address
+        prefix = template.format(port=port, host=host, shard=flight.target.shard.name).encode()
+        extra = ((b"X-Accel-Redirect", prefix + uri),)
+        self._reply(json_response(200, b"", self.keep_alive, extra), self.keep_alive)
 
     def _park(self, flight: InFlight) -> None:
         """Hold a GET until its shard is back (then replay it) or its deadline passes."""
@@ -461,6 +477,7 @@ class FrontFactory(Factory):
         idle_timeout: float = 75.0,
         park_timeout: float = 50.0,
         header_timeout: float = 10.0,
+        accel_prefix: str | None = None,
         reap_interval: float = 5.0,
     ) -> None:
         self.router = router
@@ -470,6 +487,8 @@ class FrontFactory(Factory):
         self.parking = parking
         self.park_timeout = park_timeout
         self.header_timeout = header_timeout
+        #: e.g. "/internal/tornado/{port}": answer mapped GETs with X-Accel-Redirect
+        self.accel_prefix = accel_prefix
         self.idle_timeout = idle_timeout
         self.connections: set[FrontProtocol] = set()
         self._reaper = LoopingCall(self.reap)

@@ -120,8 +120,11 @@ Try it, in another terminal:
   curl -s -H 'Host: {REALM}' -d secret={SECRET} \\
        --data-urlencode 'data={{"event":{{"type":"message","content":"hello"}},"users":[10]}}' \\
        http://127.0.0.1:{internal}/api/internal/notify_tornado
-  # 4. look at the routing table and steer the realm:
+  #    (or as Zulip's Django does under kansas: ask kansas.placement which shard holds
+  #    user 10's queues, and notify that shard directly)
   {env_line}
+  .venv/bin/python -m kansas.placement {REALM} 10
+  # 4. look at the routing table and steer the realm:
   .venv/bin/kansas-ctl queues
   .venv/bin/kansas-ctl shard list
   .venv/bin/kansas-ctl realm pin {REALM} b

@@ -71,6 +71,8 @@ def test_any_split_of_the_stream_gives_the_same_requests(cuts: list[int]) -> Non
         (b"POST /x HTTP/1.1\r\nContent-Length: 1048576\r\n\r\n", 413),
         (b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n", 431),
         (b"GET /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
+        (b"GET /x HTTP/1.1\nHost: a\n\n", 400),
+        (b"GET /x HTTP/1.1\r\nX: a\x01b\r\n\r\n", 400),
     ],
 )
 def test_rejects_malformed_requests(raw: bytes, status: int) -> None:

@@ -147,6 +147,8 @@ class RequestParser:
             if end == -1:
                 if len(buf) > MAX_HEAD_BYTES:
                     raise HttpError(431, "request head too large")
+                if b"\n\n" in buf:
+                    raise HttpError(400, "lines must end with CRLF")
                 return None
             if end > MAX_HEAD_BYTES:
                 raise HttpError(431, "request head too large")

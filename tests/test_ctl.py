@@ -175,3 +175,53 @@ def test_every_help_page_renders() -> None:
         return pages
 
     assert walk(build_parser()) > 10
+
+
+@pytest_twisted.ensureDeferred
+async def test_weight_remove_status_and_a_user_move(postgres_dsn: str, redis_url: str) -> None:
+    from twisted.internet import reactor
+
+    both = ("--postgres", postgres_dsn, "--redis", redis_url)
+    pg = ("--postgres", postgres_dsn)
+    assert run(*pg, "migrate")[0] == 0
+    for name in "abc":
+        assert (
+            run(*pg, "shard", "add", name, f"http://127.0.0.1:{9800 + 'abc'.index(name)}")[0] == 0
+        )
+    assert run(*pg, "shard", "weight", "b", "0") == (0, "shard b now has weight 0\n")
+    assert run(*pg, "realm", "pin", "one.example.com", "a")[0] == 0
+    store = RedisRouteStore(parse_redis_url(redis_url), reactor)
+    for i in range(3):
+        await store.put(QueueRoute(f"q{i}", "a", "one.example.com", i))
+    await store.put(QueueRoute("q9", "c", "two.example.com", 9))
+    await store.close()
+
+    # shard remove: refused while a pin names it, or it holds live queues; else done.
+    code, out = subprocess_ctl(*both, "shard", "remove", "a")
+    assert code == 1 and out.count("\n") == 1, out
+    assert "3 live queue(s)" in out
+    code, out = subprocess_ctl(*both, "shard", "remove", "c")
+    assert code == 1 and "1 live queue(s)" in out, out
+    assert subprocess_ctl(*both, "shard", "remove", "b") == (0, "removed shard b\n")
+
+    # user move --reload: user 1's queue (on a) is invalidated; the others stay.
+    code, out = subprocess_ctl(*both, "user", "move", "one.example.com", "1", "c", "--reload",
+                               "--settle", "0")  # fmt: skip
+    assert code == 0, out
+    assert out.splitlines()[-1].startswith(
+        "user 1 of one.example.com now goes to c: 1 queue(s) invalidated"
+    ), out
+    code, out = subprocess_ctl(*both, "status")
+    assert code == 0, out
+    table = {line.split()[0]: line.split() for line in out.splitlines()[1:3]}
+    assert table["a"][-2:] == ["2", "1"]  # live, invalidated
+    assert table["c"][-2:] == ["1", "0"]
+    assert out.splitlines()[-1] == "no move in progress"
+
+    # shard drain: weight 0, and two.example.com's queue on c (hashed) is reloaded.
+    code, out = subprocess_ctl(*both, "shard", "drain", "c", "--rate", "100", "--settle", "0")
+    assert code == 0, out
+    assert out.splitlines()[-1].startswith("drained c: 1 queue(s) invalidated"), out
+    code, out = subprocess_ctl(*both, "status")
+    assert "drained (was 100)" in out, out
+    assert run(*pg, "shard", "undrain", "c") == (0, "shard c undrained: weight 100\n")

@@ -256,3 +256,24 @@ def test_realm_shards_holds_every_placement_of_the_realm(
     placed = {d.shard for u in range(60) if (d := place_queue(a, "r", u)) is not None}
     assert placed <= set(realm_shards(a, "r"))
     assert set(realm_shards(a, "r")) <= set(two_alive)
+
+
+@settings(max_examples=50, deadline=None)
+@given(shard_specs.filter(lambda s: len(s) >= 2), st.data(), st.integers(0, 1000))
+def test_changing_a_weight_moves_only_realms_to_or_from_that_shard(
+    specs: list[tuple[str, int]], data: st.DataObject, weight: int
+) -> None:
+    """``kansas-ctl shard weight``: a heavier shard only gains realms, a lighter one only
+    loses some, and no realm moves between two other shards; weight 0 empties it."""
+    changed = data.draw(st.sampled_from([name for name, _ in specs]))
+    old = dict(specs)[changed]
+    realms = REALMS[:2000]
+    before = placement(specs, realms)
+    after = placement([(n, weight if n == changed else w) for n, w in specs], realms)
+    moved = {r for r in realms if before[r] != after[r]}
+    if weight >= old:
+        assert all(after[r] == changed for r in moved)
+    else:
+        assert all(before[r] == changed for r in moved)
+    if weight == 0:
+        assert moved == {r for r in realms if before[r] == changed}

@@ -7,6 +7,7 @@ servers (see conftest.py).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -19,7 +20,7 @@ from kansas.schema import SCHEMA_VERSION
 from kansas.stores.interface import ROUTE_SLACK_SECONDS, IAuthority, IRouteStore
 from kansas.stores.memory import MemoryAuthority, MemoryRouteStore
 from kansas.stores.postgres import PostgresAuthority
-from kansas.stores.redis import KEY_PREFIX, RedisRouteStore, parse_redis_url
+from kansas.stores.redis import KEY_PREFIX, REALM_PREFIX, RedisRouteStore, parse_redis_url
 from tests.conftest import redis_command
 
 A = QueueRoute("0b6e7c1e-0000-4000-8000-000000000001", "a", "one.example.com", 7, 600)
@@ -62,6 +63,40 @@ class RouteStoreContract:
         assert await store.routes("one.example.com") == [C, A]
         assert await store.routes("nowhere") == []
 
+    @pytest_twisted.ensureDeferred
+    async def test_invalidate_once_and_keep_the_route(self, store: IRouteStore) -> None:
+        await store.put(A)
+        await store.put(C)
+        assert await store.invalidate(A.queue_id) is True
+        assert await store.invalidate(A.queue_id) is False  # never twice
+        assert await store.invalidate("never-there") is False
+        got = await store.get(A.queue_id)
+        assert got == QueueRoute(A.queue_id, A.shard, A.realm, A.user_id, A.timeout, True)
+        assert [r.invalid for r in await store.routes(A.realm)] == [False, True]  # C, A
+        await store.touch(got)  # still expires with its queue, still invalid
+        assert (await store.get(A.queue_id)) == got
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_route_moved_to_another_realm_leaves_the_old_listing(
+        self, store: IRouteStore
+    ) -> None:
+        await store.put(A)
+        await store.put(QueueRoute(A.queue_id, "a", "elsewhere.example.com", 7, 600))
+        assert await store.routes(A.realm) == []
+        assert [r.queue_id for r in await store.routes("elsewhere.example.com")] == [A.queue_id]
+        await store.delete(A.queue_id)
+        assert await store.routes("elsewhere.example.com") == []
+
+    @pytest_twisted.ensureDeferred
+    async def test_locks(self, store: IRouteStore) -> None:
+        assert await store.acquire("move:x", "one", 10) is True
+        assert await store.acquire("move:x", "one", 10) is True  # renewed by its owner
+        assert await store.acquire("move:x", "two", 10) is False
+        await store.release("move:x", "two")  # not the owner: nothing happens
+        assert await store.acquire("move:x", "two", 10) is False
+        await store.release("move:x", "one")
+        assert await store.acquire("move:x", "two", 10) is True
+
 
 class TestMemoryRouteStore(RouteStoreContract):
     @pytest.fixture
@@ -101,6 +136,44 @@ class TestRedisRouteStore(RouteStoreContract):
         assert B.timeout < ttl <= B.timeout + ROUTE_SLACK_SECONDS
 
     @pytest_twisted.ensureDeferred
+    async def test_the_realm_index_outlives_no_mapping(
+        self, store: RedisRouteStore, redis_server: object
+    ) -> None:
+        server: Any = redis_server
+        await store.put(A)  # 600 s
+        await store.put(QueueRoute("long", "a", A.realm, 1, 3600))
+        await store.put(C)
+        assert _members(server, REALM_PREFIX + A.realm) == {A.queue_id, "long", C.queue_id}
+        ttl = int(redis_command(server, "TTL", REALM_PREFIX + A.realm)[1:])
+        assert 3600 < ttl <= 3600 + ROUTE_SLACK_SECONDS  # as long as its longest member
+        await store.delete("long")
+        await store.delete(A.queue_id)
+        await store.delete(C.queue_id)
+        assert redis_command(server, "EXISTS", REALM_PREFIX + A.realm) == b":0\r\n"
+
+    @pytest_twisted.ensureDeferred
+    async def test_gc_leaves_no_key_behind(
+        self, store: RedisRouteStore, redis_server: object, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        import time
+
+        import kansas.stores.redis as redis_module
+
+        server: Any = redis_server
+        monkeypatch.setattr(redis_module, "ROUTE_SLACK_SECONDS", 0)  # expire in 1-2 s
+        routes = [QueueRoute(f"gc{i}", "ab"[i % 2], f"r{i % 3}.example.com", i, 1 + i % 2)
+                  for i in range(12)]  # fmt: skip
+        for route in routes:
+            await store.put(route)
+        await store.invalidate("gc0")
+        await store.touch(routes[1])
+        assert int(redis_command(server, "DBSIZE")[1:]) == 12 + 3
+        deadline = time.monotonic() + 10
+        while int(redis_command(server, "DBSIZE")[1:]) != 0:
+            assert time.monotonic() < deadline, redis_command(server, "KEYS", "*")
+            time.sleep(0.1)
+
+    @pytest_twisted.ensureDeferred
     async def test_dead_redis_fails_fast(self) -> None:
         from twisted.internet import defer, reactor
 
@@ -126,6 +199,12 @@ def test_redis_url_parsing() -> None:
     for bad in ("http://x", "redis://", "redis://h/db", "redis://h:notaport"):
         with pytest.raises(KansasError):
             parse_redis_url(bad)
+
+
+def _members(server: Any, key: str) -> set[str]:
+    raw = redis_command(server, "SMEMBERS", key).decode()
+    lines = raw.split("\r\n")[1:]
+    return {line for line in lines[1::2]}
 
 
 class AuthorityContract:
@@ -236,6 +315,82 @@ class AuthorityContract:
             authority.pin_realm("one", "d")
             assert authority.load().realm_pins == {"one": "d"}  # reads see the writes
         assert authority.load().realm_pins == {"one": "d"}
+
+    def test_moves(self, authority: IAuthority) -> None:
+        self._three(authority)
+        with pytest.raises(UnknownShard):
+            authority.start_move("one", None, "nope", 50)
+        move = authority.start_move("one", None, "b", 50)
+        assert (move.realm, move.user_id, move.to_shard, move.state) == (
+            "one",
+            None,
+            "b",
+            "running",
+        )
+        assert authority.load().moving_realms == {"one"}
+        same = authority.start_move("one", None, "c", 20)  # resumed, not a second move
+        assert (same.id, same.to_shard, same.reload_rate) == (move.id, "c", 20)
+        user = authority.start_move("one", 7, "b", 50)
+        assert user.id != move.id
+        authority.update_move(move.id, 12)
+        assert [(m.id, m.invalidated) for m in authority.list_moves(running_only=True)] == [
+            (user.id, 0), (move.id, 12)
+        ]  # fmt: skip
+        authority.update_move(move.id, 15, "done")
+        authority.update_move(user.id, 1, "interrupted")
+        assert authority.load().moving_realms == frozenset()
+        assert authority.list_moves(running_only=True) == []
+        assert [(m.state, m.invalidated) for m in authority.list_moves()] == [
+            ("interrupted", 1), ("done", 15)
+        ]  # fmt: skip
+
+    def test_weights_and_removal(self, authority: IAuthority) -> None:
+        self._three(authority)
+        assert authority.set_weight("b", 0) == Shard("b", "http://127.0.0.1:9801", 0)
+        assert authority.load().shards["b"].weight == 0
+        with pytest.raises(UnknownShard):
+            authority.set_weight("nope", 1)
+        with pytest.raises(KansasError):
+            authority.set_weight("a", -1)
+        authority.pin_realm("one", "c")
+        authority.pin_realm("two", "c")
+        authority.split_realm("three", ["c", "a", "c"])
+        authority.add_regex_rule("x.*", ["c"])
+        authority.move_user("four", 1, "c")
+        with pytest.raises(KansasError) as refused:
+            authority.remove_shard("c")
+        assert str(refused.value) == (
+            "shard 'c' is still in use: 2 pinned realm(s), 1 split realm(s), "
+            "1 regex rule(s), 1 user override(s)"
+        )
+        assert "c" in authority.load().shards
+        authority.remove_shard("b")
+        assert sorted(authority.load().shards) == ["a", "c"]
+        with pytest.raises(UnknownShard):
+            authority.remove_shard("b")
+
+    def test_drain_and_undrain(self, authority: IAuthority) -> None:
+        self._three(authority)
+        authority.set_weight("b", 70)
+        assert authority.drain_shard("b") is True
+        assert authority.drain_shard("b") is False  # already: the weight to restore stays
+        assert authority.load().shards["b"].weight == 0
+        assert authority.drained_shards() == {"b": 70}
+        assert authority.undrain_shard("b") == 70
+        assert authority.load().shards["b"].weight == 70
+        assert authority.drained_shards() == {}
+        with pytest.raises(KansasError, match="not drained"):
+            authority.undrain_shard("b")
+        with pytest.raises(UnknownShard):
+            authority.drain_shard("nope")
+
+    def test_clear_user_overrides(self, authority: IAuthority) -> None:
+        self._three(authority)
+        authority.move_user("one", 1, "a")
+        authority.move_user("one", 2, "b")
+        authority.move_user("two", 3, "a")
+        assert authority.clear_user_overrides("one", "a") == 1
+        assert authority.load().user_overrides == {("one", 2): "b", ("two", 3): "a"}
 
 
 class TestMemoryAuthority(AuthorityContract):

@@ -16,6 +16,14 @@ from typing import Any, NoReturn
 from kansas import __version__
 from kansas.errors import KansasError
 from kansas.model import Assignment, QueueRoute
+from kansas.moves import (
+    DEFAULT_RELOAD_RATE,
+    DEFAULT_SETTLE_SECONDS,
+    describe,
+    drain_shard,
+    move_realm,
+)
+from kansas.moves import move_user as move_user_queues
 from kansas.router import place_queue
 from kansas.schema import SCHEMA_VERSION
 from kansas.stores.interface import IAuthority
@@ -49,6 +57,41 @@ def _nonnegative(value: str) -> int:
     return number
 
 
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not > 0")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} is not > 0")
+    return number
+
+
+def _nonnegative_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return number
+
+
+def _reload_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--reload-rate", type=_positive_float, default=DEFAULT_RELOAD_RATE,
+        help="queues invalidated per second (their clients re-register) [default %(default)s]",
+    )  # fmt: skip
+    parser.add_argument(
+        "--settle",
+        type=_nonnegative_float,
+        default=DEFAULT_SETTLE_SECONDS,
+        help="seconds every kansas is given to apply the change before the first "
+        "invalidation [default %(default)s]",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kansas-ctl", description=__doc__.splitlines()[0] if __doc__ else "")
     parser.add_argument("--version", action="version", version=f"kansas {__version__}")
@@ -72,6 +115,29 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("url", help="http://HOST:PORT")
     add.add_argument("--weight", type=_nonnegative, default=100, help="default %(default)s")
     shard_cmds.add_parser("list", help="list the shards")
+    weight = shard_cmds.add_parser(
+        "weight", help="change a shard's weight (0: no new queues by hashing)"
+    )
+    weight.add_argument("name")
+    weight.add_argument("weight", type=_nonnegative)
+    drain = shard_cmds.add_parser(
+        "drain", help="weight 0, and move its realms and queues away at a bounded rate"
+    )
+    drain.add_argument("name")
+    drain.add_argument(
+        "--rate", type=_positive_float, default=DEFAULT_RELOAD_RATE,
+        help="queues invalidated per second [default %(default)s]",
+    )  # fmt: skip
+    drain.add_argument(
+        "--settle", type=_nonnegative_float, default=DEFAULT_SETTLE_SECONDS,
+        help="seconds every kansas is given to apply a change [default %(default)s]",
+    )  # fmt: skip
+    undrain = shard_cmds.add_parser("undrain", help="give a drained shard its weight back")
+    undrain.add_argument("name")
+    remove = shard_cmds.add_parser(
+        "remove", help="unregister a shard (refused while it owns realms or live queues)"
+    )
+    remove.add_argument("name")
 
     realm = commands.add_parser("realm", help="pin realms to shards")
     realm_cmds = realm.add_subparsers(dest="action", required=True, parser_class=_Parser)
@@ -90,6 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
     unsplit = realm_cmds.add_parser("unsplit", help="remove a realm's split")
     unsplit.add_argument("realm")
     realm_cmds.add_parser("list", help="list the realms' pins and splits")
+    realm_move = realm_cmds.add_parser(
+        "move",
+        help="pin a realm to a shard and reload its queues elsewhere at a bounded rate",
+    )
+    realm_move.add_argument("realm")
+    realm_move.add_argument("shard")
+    _reload_options(realm_move)
+    realm_move.add_argument(
+        "--batch", type=_positive_int, help="move the users N at a time (piecewise), then pin"
+    )
+    realm_move.add_argument(
+        "--interval", type=_nonnegative_float, default=0.0,
+        help="seconds between batches [default %(default)s]",
+    )  # fmt: skip
 
     regex = commands.add_parser("regex", help="realms by regex (after pins and splits)")
     regex_cmds = regex.add_subparsers(dest="action", required=True, parser_class=_Parser)
@@ -131,6 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
     move.add_argument("realm")
     move.add_argument("user_id", type=_nonnegative)
     move.add_argument("shard")
+    _reload_options(move)
+    move.add_argument(
+        "--reload", action="store_true",
+        help="also invalidate the user's queues elsewhere at --reload-rate (the clients "
+        "re-register there); without it, existing queues stay until they expire",
+    )  # fmt: skip
+
+    commands.add_parser(
+        "status", help="shards, weights, live queues per shard (Redis), moves in progress"
+    )
 
     where = commands.add_parser("where", help="which shard a new queue would go to, and why")
     where.add_argument("realm")
@@ -163,6 +253,16 @@ def _run(args: argparse.Namespace, out: Any) -> None:
         if args.command == "shard" and args.action == "add":
             shard = authority.add_shard(args.name, args.url, args.weight)
             print(f"added shard {shard.name} at {shard.url} (weight {shard.weight})", file=out)
+        elif args.command == "shard" and args.action == "weight":
+            shard = authority.set_weight(args.name, args.weight)
+            print(f"shard {shard.name} now has weight {shard.weight}", file=out)
+        elif args.command == "shard" and args.action == "drain":
+            _drain(authority, args, out)
+        elif args.command == "shard" and args.action == "undrain":
+            weight = authority.undrain_shard(args.name)
+            print(f"shard {args.name} undrained: weight {weight}", file=out)
+        elif args.command == "shard" and args.action == "remove":
+            _remove_shard(authority, args, out)
         elif args.command == "shard":
             _print_shards(authority, out)
         elif args.command == "realm" and args.action == "split":
@@ -174,6 +274,8 @@ def _run(args: argparse.Namespace, out: Any) -> None:
             if not authority.unsplit_realm(args.realm.lower()):
                 raise KansasError(f"realm {args.realm.lower()!r} has no split")
             print(f"unsplit {args.realm.lower()}", file=out)
+        elif args.command == "realm" and args.action == "move":
+            _move(authority, args, out)
         elif args.command == "realm" and args.action == "list":
             _print_realms(authority.load(), out)
         elif args.command == "regex":
@@ -187,9 +289,13 @@ def _run(args: argparse.Namespace, out: Any) -> None:
             if not authority.unpin_realm(args.realm.lower()):
                 raise KansasError(f"realm {args.realm.lower()!r} has no pin")
             print(f"unpinned {args.realm.lower()}", file=out)
-        elif args.command == "user":
+        elif args.command == "user" and not args.reload:
             authority.move_user(args.realm.lower(), args.user_id, args.shard)
             print(f"user {args.user_id} of {args.realm.lower()} now goes to {args.shard}", file=out)
+        elif args.command == "user":
+            _move(authority, args, out)
+        elif args.command == "status":
+            _status(authority, args.redis, out)
         elif args.command == "where":
             decision = place_queue(authority.load(), args.realm.lower(), args.user_id)
             if decision is None:
@@ -254,7 +360,95 @@ def _print_shards(authority: IAuthority, out: Any) -> None:
     _table(rows, out)
 
 
-def _read_queues(redis_url: str, realm: str | None) -> list[QueueRoute]:
+def _move(authority: IAuthority, args: argparse.Namespace, out: Any) -> None:
+    """``realm move`` / ``user move``: commit, then invalidate at the reload rate."""
+    realm = args.realm.lower()
+    if args.shard not in authority.load().shards:
+        raise KansasError(f"no shard named {args.shard!r}")  # before touching Redis
+
+    def say(line: str) -> None:
+        print(line, file=out, flush=True)
+
+    async def work(store: Any, reactor: Any) -> None:
+        if args.command == "realm":
+            say(f"moving {realm} to {args.shard}, reloading at {args.reload_rate:g}/s")
+            progress = await move_realm(
+                authority, store, reactor, realm, args.shard, args.reload_rate,
+                args.batch, args.interval, args.settle, say,
+            )  # fmt: skip
+            say(f"moved {realm} to {args.shard}: {describe(progress)}")
+        else:
+            progress = await move_user_queues(
+                authority, store, reactor, realm, args.user_id, args.shard,
+                args.reload_rate, args.settle, say,
+            )  # fmt: skip
+            say(f"user {args.user_id} of {realm} now goes to {args.shard}: {describe(progress)}")
+
+    _with_redis(args.redis, "move queues in Redis", work)
+
+
+def _drain(authority: IAuthority, args: argparse.Namespace, out: Any) -> None:
+    if args.name not in authority.load().shards:
+        raise KansasError(f"no shard named {args.name!r}")  # before touching Redis
+
+    def say(line: str) -> None:
+        print(line, file=out, flush=True)
+
+    async def work(store: Any, reactor: Any) -> None:
+        progress = await drain_shard(
+            authority, store, reactor, args.name, args.rate, args.settle, say
+        )
+        say(f"drained {args.name}: {describe(progress)}")
+
+    _with_redis(args.redis, "move queues in Redis", work)
+
+
+def _remove_shard(authority: IAuthority, args: argparse.Namespace, out: Any) -> None:
+    if args.name not in authority.load().shards:
+        raise KansasError(f"no shard named {args.name!r}")
+    live = sum(1 for r in _read_queues(args.redis, None) if r.shard == args.name and not r.invalid)
+    if live:
+        raise KansasError(f"shard {args.name!r} is still in use: {live} live queue(s) in Redis "
+                          "(move its realms away and let them reload or expire)")  # fmt: skip
+    authority.remove_shard(args.name)
+    print(f"removed shard {args.name}", file=out)
+
+
+def _status(authority: IAuthority, redis_url: str, out: Any) -> None:
+    routes = _read_queues(redis_url, None)
+    live: dict[str, int] = {}
+    invalid: dict[str, int] = {}
+    for route in routes:
+        counts = invalid if route.invalid else live
+        counts[route.shard] = counts.get(route.shard, 0) + 1
+    assignment = authority.load()
+    pins: dict[str, int] = {}
+    for name in assignment.realm_pins.values():
+        pins[name] = pins.get(name, 0) + 1
+    header = ("SHARD", "URL", "WEIGHT", "STATE", "PINNED REALMS", "LIVE QUEUES", "INVALIDATED")
+    rows: list[tuple[str, ...]] = [header]
+    drained = authority.drained_shards()
+    for shard in authority.list_shards():
+        state = "active" if shard.weight > 0 else "weight 0"
+        if shard.name in drained:
+            state = f"drained (was {drained[shard.name]})"
+        rows.append((shard.name, shard.url, str(shard.weight), state, str(pins.get(shard.name, 0)),
+                     str(live.get(shard.name, 0)), str(invalid.get(shard.name, 0))))  # fmt: skip
+    _table(rows, out)
+    moves = authority.list_moves(running_only=True)
+    if not moves:
+        print("no move in progress", file=out)
+        return
+    print("moves in progress:", file=out)
+    rows = [("ID", "REALM", "USER", "TO", "RATE/S", "INVALIDATED", "")]
+    rows += [(str(m.id), m.realm, "-" if m.user_id is None else str(m.user_id), m.to_shard,
+              f"{m.reload_rate:g}", str(m.invalidated), "") for m in moves]  # fmt: skip
+    _table(rows, out)
+
+
+def _with_redis(redis_url: str, what: str, work: Any) -> None:
+    """Run ``await work(store, reactor)`` with a Redis route store, in a reactor of its
+    own; failures become one-line KansasErrors."""
     from twisted.internet import defer, task
     from twisted.internet.defer import ensureDeferred
 
@@ -265,17 +459,18 @@ def _read_queues(redis_url: str, realm: str | None) -> list[QueueRoute]:
         socket.create_connection((address.host, address.port), timeout=5).close()
     except OSError as e:
         raise KansasError(f"cannot reach Redis ({address}): {e.strerror or e}") from None
-    found: list[QueueRoute] = []
     failure: list[str] = []
 
     async def main(reactor: Any) -> None:
         store = RedisRouteStore(address, reactor, call_timeout=5.0, poolsize=1)
         try:
-            found.extend(await store.routes(realm.lower() if realm else None))
+            await work(store, reactor)
         except defer.TimeoutError:
-            failure.append(f"cannot read queues from Redis ({address}): no answer in 5 s")
+            failure.append(f"cannot {what} ({address}): no answer in 5 s")
+        except KansasError as e:
+            failure.append(str(e))
         except Exception as e:
-            failure.append(f"cannot read queues from Redis ({address}): {e}")
+            failure.append(f"cannot {what} ({address}): {e}")
         finally:
             await store.close()
 
@@ -283,9 +478,18 @@ def _read_queues(redis_url: str, realm: str | None) -> list[QueueRoute]:
         task.react(lambda reactor: ensureDeferred(main(reactor)))
     except SystemExit as e:
         if e.code not in (0, None):
-            failure.append(f"cannot read queues from Redis ({address})")
+            failure.append(f"cannot {what} ({address})")
     if failure:
         raise KansasError(failure[0])
+
+
+def _read_queues(redis_url: str, realm: str | None) -> list[QueueRoute]:
+    found: list[QueueRoute] = []
+
+    async def work(store: Any, reactor: Any) -> None:
+        found.extend(await store.routes(realm.lower() if realm else None))
+
+    _with_redis(redis_url, "read queues from Redis", work)
     return found
 
 

@@ -108,6 +108,9 @@ class Assignment:
     user_overrides: Mapping[tuple[str, int], str] = field(default_factory=dict)
     realm_splits: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     regex_rules: Sequence[RegexRule] = ()
+    #: Realms with a move in progress (``kansas_moves``): the proxy re-reads their
+    #: queues' mappings from Redis on every request, so an invalidation is seen at once.
+    moving_realms: frozenset[str] = frozenset()
     #: realm -> index of its first matching regex rule (-1: none); see kansas.router.
     regex_cache: dict[str, int] = field(default_factory=dict, init=False, compare=False, repr=False)
 
@@ -118,6 +121,7 @@ class Assignment:
         splits = {realm: check_split(names) for realm, names in self.realm_splits.items()}
         object.__setattr__(self, "realm_splits", MappingProxyType(splits))
         object.__setattr__(self, "regex_rules", tuple(self.regex_rules))
+        object.__setattr__(self, "moving_realms", frozenset(self.moving_realms))
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,17 +133,19 @@ class QueueRoute:
     realm: str
     user_id: int | None = None
     timeout: int = DEFAULT_QUEUE_TIMEOUT
+    #: Invalidated by a move: the next request gets BAD_EVENT_QUEUE_ID from kansas.
+    invalid: bool = False
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "shard": self.shard,
-                "realm": self.realm,
-                "user": self.user_id,
-                "timeout": self.timeout,
-            },
-            separators=(",", ":"),
-        )
+        data: dict[str, object] = {
+            "shard": self.shard,
+            "realm": self.realm,
+            "user": self.user_id,
+            "timeout": self.timeout,
+        }
+        if self.invalid:
+            data["invalid"] = True
+        return json.dumps(data, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, queue_id: str, raw: str | bytes) -> QueueRoute:
@@ -150,6 +156,7 @@ class QueueRoute:
             realm=str(data["realm"]),
             user_id=None if data.get("user") is None else int(data["user"]),
             timeout=int(data.get("timeout", DEFAULT_QUEUE_TIMEOUT)),
+            invalid=data.get("invalid") is True,
         )
 
 
@@ -164,6 +171,12 @@ def queue_timeout(lifespan_secs: str | int | None) -> int:
     return min(lifespan, MAX_QUEUE_TIMEOUT)
 
 
+def shard_in_use_message(name: str, counts: dict[str, int]) -> str:
+    """One line: what still names a shard that cannot be removed."""
+    parts = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
+    return f"shard {name!r} is still in use: {parts}"
+
+
 def check_shard_args(name: str, url: str, weight: int) -> None:
     """The checks every authority applies before registering a shard."""
     if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
@@ -171,3 +184,17 @@ def check_shard_args(name: str, url: str, weight: int) -> None:
     parse_shard_url(url)
     if weight < 0:
         raise KansasError(f"bad weight {weight}: must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """A move of a realm (``user_id`` None) or of one user to ``to_shard``: a row of
+    ``kansas_moves``. ``invalidated`` is the progress last reported."""
+
+    id: int
+    realm: str
+    user_id: int | None
+    to_shard: str
+    reload_rate: float
+    state: str = "running"
+    invalidated: int = 0

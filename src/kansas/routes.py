@@ -86,6 +86,36 @@ class RouteTable:
 
         return self.store.get(queue_id).addCallbacks(found, failed)
 
+    def refetch(self, cached: QueueRoute) -> Deferred[QueueRoute]:
+        """Read a cached route again from the store (its realm is being moved, so it
+        may have been invalidated); if the store cannot answer, or has lost the
+        route, the cached one stands."""
+
+        def found(route: QueueRoute | None) -> QueueRoute:
+            if route is None:
+                return cached
+            entry = self._cache.get(route.queue_id)
+            if entry is not None:
+                entry[0] = route
+            return route
+
+        def failed(failure: Failure) -> QueueRoute:
+            self._store_failed(failure, "read")
+            return cached
+
+        return self.store.get(cached.queue_id).addCallbacks(found, failed)
+
+    def uncache(self, queue_id: str) -> None:
+        """Drop a route from the cache only (the store keeps it)."""
+        self._cache.pop(queue_id, None)
+
+    def uncache_realms(self, realms: frozenset[str] | set[str]) -> int:
+        """Drop every cached route of these realms; how many."""
+        gone = [qid for qid, entry in self._cache.items() if entry[0].realm in realms]
+        for queue_id in gone:
+            del self._cache[queue_id]
+        return len(gone)
+
     def record(self, route: QueueRoute) -> Deferred[None]:
         """Cache a route and write it to the store; fires once written, or once it is
         in the journal for a later write."""

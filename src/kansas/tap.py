@@ -190,6 +190,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         reactor, dsn, authority.load, initial, reload_interval=options["reload-interval"]
     )
     router = EventRouter(table, follower)
+    follower.on_change.append(router.assignment_changed)
     pool = BackendPool(
         reactor,
         connect_timeout=options["connect-timeout"],

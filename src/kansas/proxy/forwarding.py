@@ -59,23 +59,50 @@ class NoShard(Exception):
     """No shard can serve this realm (none registered, or all weighted 0)."""
 
 
+class QueueInvalidated(Exception):
+    """A move invalidated this queue: answer BAD_EVENT_QUEUE_ID (the client re-registers
+    and lands on its new shard) and free the queue on its old shard."""
+
+    def __init__(self, route: QueueRoute, shard: Shard | None) -> None:
+        super().__init__(route.queue_id)
+        self.route = route
+        self.shard = shard  # the old shard, if still registered
+
+
 class EventRouter:
-    __slots__ = ("directory", "table")
+    __slots__ = ("_moving", "directory", "table")
 
     def __init__(self, table: RouteTable, directory: Directory) -> None:
         self.table = table
         self.directory = directory
+        self._moving = directory.current.moving_realms
+
+    def assignment_changed(self, assignment: Assignment) -> None:
+        """When a realm's move ends, its cached routes are dropped: one cached before an
+        invalidation and not requested since must not outlive the move."""
+        ended = self._moving - assignment.moving_realms
+        self._moving = assignment.moving_realms
+        if ended:
+            self.table.uncache_realms(ended)
 
     def route(self, queue_id: str, realm: str) -> Target | Deferred[Target]:
-        """The shard for a request on ``queue_id``: at once on a cache hit."""
+        """The shard for a request on ``queue_id``: at once on a cache hit (unless its
+        realm is being moved). Raises (or fails with) QueueInvalidated for a queue a
+        move has invalidated."""
         route = self.table.cached(queue_id)
         if route is not None:
-            return self._mapped(route, realm)
+            if route.realm not in self.directory.current.moving_realms:
+                return self._mapped(route, realm)
+            # A move is under way: another process may have invalidated the queue, so
+            # Redis is asked every time (one GET, only while the realm moves).
+            return self.table.refetch(route).addCallback(self._mapped, realm)
         return self.table.fetch(queue_id).addCallback(
             lambda found: self._fallback(realm) if found is None else self._mapped(found, realm)
         )
 
     def _mapped(self, route: QueueRoute, realm: str) -> Target:
+        if route.invalid:
+            raise QueueInvalidated(route, self.directory.current.shards.get(route.shard))
         shard = self.directory.current.shards.get(route.shard)
         if shard is None:
             # The mapping names a shard that is no longer registered: the queue cannot
@@ -100,6 +127,10 @@ class EventRouter:
     ) -> None:
         """Keep the table in step with what the shard said about the queue."""
         if status != 200:
+            if status == 400 and target.route is not None:
+                # Most likely BAD_EVENT_QUEUE_ID: the queue is gone from its shard. Ask
+                # Redis next time rather than trusting the cache.
+                self.table.uncache(queue_id)
             return
         if method == b"DELETE":
             self.table.forget(queue_id)

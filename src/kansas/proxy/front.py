@@ -30,6 +30,7 @@ from kansas.proxy.forwarding import (
     QUEUE_ID,
     EventRouter,
     NoShard,
+    QueueInvalidated,
     Target,
     downstream_headers,
     upstream_head,
@@ -251,12 +252,15 @@ class FrontProtocol(Protocol):
         except NoShard:
             self._no_shard(realm)
             return
+        except QueueInvalidated as e:
+            self._invalidated(e, request)
+            return
         if isinstance(target, Deferred):
             target.addCallbacks(
                 self._forward,
                 self._route_failed,
                 callbackArgs=(request, queue_id, realm),
-                errbackArgs=(realm,),
+                errbackArgs=(realm, request),
             )
         else:
             self._forward(target, request, queue_id, realm)
@@ -265,11 +269,26 @@ class FrontProtocol(Protocol):
         msg = f"No shard is available for realm {realm!r}"
         self._reply(error_response(503, msg, "SHARD_UNAVAILABLE", self.keep_alive), self.keep_alive)
 
-    def _route_failed(self, failure: Failure, realm: str) -> None:
+    def _invalidated(self, e: QueueInvalidated, request: Request) -> None:
+        """A move invalidated this queue: Zulip's BAD_EVENT_QUEUE_ID (the client
+        re-registers, on its new shard), and a DELETE of the queue on its old shard,
+        with the client's own credentials (Tornado authenticates queue deletion)."""
+        self._reply(bad_queue_response(e.route.queue_id, self.keep_alive), self.keep_alive)
+        if e.shard is not None:
+            target = request.target
+            if request.method == b"DELETE" and request.body and b"?" not in target:
+                target += b"?queue_id=" + e.route.queue_id.encode()  # from the form body
+            head = upstream_head(b"DELETE", target, request.headers, self.peer, 0)
+            self.proxy.pool.send(e.shard.address, head, _DISCARD_SINK, True)
+
+    def _route_failed(self, failure: Failure, realm: str, request: Request) -> None:
         if self.gone:
             return
         if isinstance(failure.value, NoShard):
             self._no_shard(realm)
+            return
+        if isinstance(failure.value, QueueInvalidated):
+            self._invalidated(failure.value, request)
             return
         log.failure("routing failed", failure)
         ka = self.keep_alive
@@ -460,6 +479,26 @@ class FrontProtocol(Protocol):
             return
         log.warn("{reason}", reason=reason)
         self._unavailable(target)
+
+
+class _Discard:
+    """The sink of kansas's own DELETEs: the answer does not matter (a queue already
+    gone is as good as deleted; a shard that is down drops it with its queues)."""
+
+    def response_head(self, status: int, headers: list[Header]) -> None:
+        pass
+
+    def response_body(self, data: bytes) -> None:
+        pass
+
+    def response_end(self) -> None:
+        pass
+
+    def response_failed(self, reason: str, started: bool, kind: Failed) -> None:
+        pass
+
+
+_DISCARD_SINK = _Discard()
 
 
 class FrontFactory(Factory):

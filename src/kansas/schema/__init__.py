@@ -13,7 +13,7 @@ from typing import Any
 from kansas.model import Assignment, RegexRule, Shard
 
 #: The schema version this kansas needs.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: Every change to the assignment tables is announced on this channel (by triggers).
 NOTIFY_CHANNEL = "kansas_assignment"
 
@@ -48,10 +48,13 @@ def read_assignment(cur: Any) -> Assignment:
     rules: dict[str, list[str]] = {}  # insertion-ordered by priority
     for pattern, shard in cur:
         rules.setdefault(pattern, []).append(shard)
+    cur.execute("SELECT DISTINCT realm FROM kansas_moves WHERE state = 'running'")
+    moving = frozenset(realm for (realm,) in cur)
     return Assignment(
         shards,
         pins,
         overrides,
         {realm: tuple(names) for realm, names in splits.items()},
         [RegexRule(pattern, tuple(names)) for pattern, names in rules.items()],
+        moving,
     )

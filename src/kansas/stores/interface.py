@@ -18,7 +18,7 @@ from contextlib import AbstractContextManager
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
-from kansas.model import Assignment, QueueRoute, RegexRule, Shard
+from kansas.model import Assignment, Move, QueueRoute, RegexRule, Shard
 
 #: How much longer than the shard's own idle timeout a queue mapping lives. kansas
 #: refreshes a mapping at most once a minute per queue, so it always outlives its queue.
@@ -39,7 +39,19 @@ class IRouteStore(Interface):
         """Forget a queue (no error if it is unknown)."""
 
     def routes(realm: str | None = None) -> Deferred[list[QueueRoute]]:
-        """Every recorded route (of one realm), for operators; not for the request path."""
+        """Every recorded route (of one realm), for operators and moves; not for the
+        request path."""
+
+    def invalidate(queue_id: str) -> Deferred[bool]:
+        """Mark a queue's route invalid (a move): True if this call did it, False if it
+        was already invalid or is unknown. Atomic: of two concurrent calls, one wins.
+        The route keeps its expiry."""
+
+    def acquire(name: str, owner: str, seconds: float) -> Deferred[bool]:
+        """Take (or extend, for the same owner) a lock that expires after ``seconds``."""
+
+    def release(name: str, owner: str) -> Deferred[None]:
+        """Give a lock back, if ``owner`` still holds it."""
 
     def close() -> Deferred[None]:
         """Release connections."""
@@ -60,6 +72,23 @@ class IAuthority(Interface):
     def add_shard(name: str, url: str, weight: int) -> Shard:
         """Register a shard (KansasError if the name is taken)."""
 
+    def set_weight(name: str, weight: int) -> Shard:
+        """Change a shard's weight (UnknownShard, KansasError for a negative weight)."""
+
+    def drain_shard(name: str) -> bool:
+        """Weight 0, keeping the weight to give back on undrain; False if it was
+        drained already (UnknownShard if there is no such shard)."""
+
+    def undrain_shard(name: str) -> int:
+        """Give a drained shard its weight back (returned); KansasError if not drained."""
+
+    def drained_shards() -> dict[str, int]:
+        """Drained shards, with the weight each gets back on undrain."""
+
+    def remove_shard(name: str) -> None:
+        """Unregister a shard; KansasError, with counts, while a pin, split, regex rule
+        or user override still names it (UnknownShard if there is no such shard)."""
+
     def list_shards() -> list[Shard]:
         """Every registered shard, by name."""
 
@@ -72,6 +101,9 @@ class IAuthority(Interface):
 
     def move_user(realm: str, user_id: int, shard: str) -> None:
         """Send a user's new queues to a shard, whatever the realm's placement."""
+
+    def clear_user_overrides(realm: str, shard: str) -> int:
+        """Remove the realm's user overrides that point to ``shard``; how many."""
 
     def split_realm(realm: str, shards: Sequence[str]) -> None:
         """Split a realm by user: user U's new queues go to ``shards[U % len(shards)]``
@@ -91,6 +123,16 @@ class IAuthority(Interface):
 
     def set_regex_rules(rules: Sequence[RegexRule]) -> None:
         """Replace every regex rule by these, tried in this order."""
+
+    def start_move(realm: str, user_id: int | None, to_shard: str, reload_rate: float) -> Move:
+        """Record a move as running (UnknownShard if ``to_shard`` is not registered).
+        A move of the same realm and user still running is taken over (resumed)."""
+
+    def update_move(move_id: int, invalidated: int, state: str = "running") -> None:
+        """Record a move's progress; ``state`` 'done' or 'interrupted' ends it."""
+
+    def list_moves(running_only: bool = False) -> list[Move]:
+        """Moves, newest first."""
 
     def atomic() -> AbstractContextManager[None]:
         """Calls made inside ``with authority.atomic():`` take effect together or not at

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
@@ -13,12 +14,14 @@ from zope.interface import implementer
 from kansas.errors import KansasError, UnknownShard
 from kansas.model import (
     Assignment,
+    Move,
     QueueRoute,
     RegexRule,
     Shard,
     check_shard_args,
     check_split,
     compile_realm_regex,
+    shard_in_use_message,
 )
 from kansas.schema import SCHEMA_VERSION
 from kansas.stores.interface import ROUTE_SLACK_SECONDS, IAuthority, IRouteStore
@@ -29,6 +32,7 @@ class MemoryRouteStore:
     def __init__(self, clock: IReactorTime) -> None:
         self._clock = clock
         self._routes: dict[str, tuple[QueueRoute, float]] = {}
+        self._locks: dict[str, tuple[str, float]] = {}
 
     def _live(self, queue_id: str) -> QueueRoute | None:
         entry = self._routes.get(queue_id)
@@ -64,6 +68,27 @@ class MemoryRouteStore:
         live = [r for r in map(self._live, list(self._routes)) if r is not None]
         return succeed(sorted((r for r in live if realm in (None, r.realm)), key=_order))
 
+    def invalidate(self, queue_id: str) -> Deferred[bool]:
+        route = self._live(queue_id)
+        if route is None or route.invalid:
+            return succeed(False)
+        expires = self._routes[queue_id][1]
+        self._routes[queue_id] = (replace(route, invalid=True), expires)
+        return succeed(True)
+
+    def acquire(self, name: str, owner: str, seconds: float) -> Deferred[bool]:
+        now = self._clock.seconds()
+        held = self._locks.get(name)
+        if held is not None and held[1] > now and held[0] != owner:
+            return succeed(False)
+        self._locks[name] = (owner, now + seconds)
+        return succeed(True)
+
+    def release(self, name: str, owner: str) -> Deferred[None]:
+        if self._locks.get(name, ("", 0.0))[0] == owner:
+            del self._locks[name]
+        return succeed(None)
+
     def close(self) -> Deferred[None]:
         return succeed(None)
 
@@ -83,6 +108,8 @@ class MemoryAuthority:
         self._overrides: dict[tuple[str, int], str] = {}
         self._splits: dict[str, tuple[str, ...]] = {}
         self._regexes: dict[str, tuple[str, ...]] = {}  # in matching order
+        self._moves: dict[int, Move] = {}
+        self._drained: dict[str, int] = {}
 
     def schema_version(self) -> int:
         return self._version
@@ -98,6 +125,7 @@ class MemoryAuthority:
             dict(self._overrides),
             dict(self._splits),
             [RegexRule(pattern, shards) for pattern, shards in self._regexes.items()],
+            frozenset(m.realm for m in self._moves.values() if m.state == "running"),
         )
 
     def add_shard(self, name: str, url: str, weight: int) -> Shard:
@@ -106,6 +134,44 @@ class MemoryAuthority:
             raise KansasError(f"shard {name!r} already exists")
         shard = self._shards[name] = Shard(name, url, weight)
         return shard
+
+    def set_weight(self, name: str, weight: int) -> Shard:
+        self._known(name)
+        check_shard_args(name, self._shards[name].url, weight)
+        shard = self._shards[name] = Shard(name, self._shards[name].url, weight)
+        return shard
+
+    def drain_shard(self, name: str) -> bool:
+        self._known(name)
+        if name in self._drained:
+            return False
+        self._drained[name] = self._shards[name].weight
+        self.set_weight(name, 0)
+        return True
+
+    def undrain_shard(self, name: str) -> int:
+        self._known(name)
+        if name not in self._drained:
+            raise KansasError(f"shard {name!r} is not drained")
+        weight = self._drained.pop(name)
+        self.set_weight(name, weight)
+        return weight
+
+    def drained_shards(self) -> dict[str, int]:
+        return dict(self._drained)
+
+    def remove_shard(self, name: str) -> None:
+        self._known(name)
+        counts = {
+            "pinned realm(s)": sum(s == name for s in self._pins.values()),
+            "split realm(s)": sum(name in s for s in self._splits.values()),
+            "regex rule(s)": sum(name in s for s in self._regexes.values()),
+            "user override(s)": sum(s == name for s in self._overrides.values()),
+        }
+        if any(counts.values()):
+            raise KansasError(shard_in_use_message(name, counts))
+        del self._shards[name]
+        self._drained.pop(name, None)
 
     def list_shards(self) -> list[Shard]:
         return [self._shards[n] for n in sorted(self._shards)]
@@ -125,6 +191,12 @@ class MemoryAuthority:
     def move_user(self, realm: str, user_id: int, shard: str) -> None:
         self._known(shard)
         self._overrides[realm, user_id] = shard
+
+    def clear_user_overrides(self, realm: str, shard: str) -> int:
+        gone = [k for k, s in self._overrides.items() if k[0] == realm and s == shard]
+        for key in gone:
+            del self._overrides[key]
+        return len(gone)
 
     def _known_all(self, shards: Sequence[str]) -> tuple[str, ...]:
         names = check_split(shards)
@@ -153,6 +225,26 @@ class MemoryAuthority:
         self._regexes.clear()
         self._regexes.update(checked)
 
+    def start_move(
+        self, realm: str, user_id: int | None, to_shard: str, reload_rate: float
+    ) -> Move:
+        self._known(to_shard)
+        for move in self._moves.values():
+            if move.state == "running" and (move.realm, move.user_id) == (realm, user_id):
+                taken = replace(move, to_shard=to_shard, reload_rate=reload_rate)
+                self._moves[move.id] = taken
+                return taken
+        move = Move(len(self._moves) + 1, realm, user_id, to_shard, reload_rate)
+        self._moves[move.id] = move
+        return move
+
+    def update_move(self, move_id: int, invalidated: int, state: str = "running") -> None:
+        self._moves[move_id] = replace(self._moves[move_id], invalidated=invalidated, state=state)
+
+    def list_moves(self, running_only: bool = False) -> list[Move]:
+        moves = sorted(self._moves.values(), key=lambda m: -m.id)
+        return [m for m in moves if m.state == "running" or not running_only]
+
     @contextmanager
     def atomic(self) -> Iterator[None]:
         # Every value is immutable: copies of the dicts are a full snapshot.
@@ -166,7 +258,10 @@ class MemoryAuthority:
             raise
 
     def _tables(self) -> tuple[dict[Any, Any], ...]:
-        return self._shards, self._pins, self._overrides, self._splits, self._regexes
+        return (
+            self._shards, self._pins, self._overrides, self._splits, self._regexes, self._moves,
+            self._drained,
+        )  # fmt: skip
 
     def close(self) -> None:
         pass

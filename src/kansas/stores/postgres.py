@@ -19,11 +19,13 @@ from zope.interface import implementer
 from kansas.errors import ConfigError, KansasError, SchemaError, UnknownShard
 from kansas.model import (
     Assignment,
+    Move,
     RegexRule,
     Shard,
     check_shard_args,
     check_split,
     compile_realm_regex,
+    shard_in_use_message,
 )
 from kansas.schema import NOTIFY_CHANNEL, SCHEMA_VERSION, read_assignment, schema_files
 from kansas.stores.interface import IAuthority
@@ -159,18 +161,22 @@ class PostgresAuthority:
     def load(self) -> Assignment:
         if self._batch is not None:
             return read_assignment(self._batch)
-        conn = self._connection()
-        try:
-            # One snapshot for all the tables, so a reload never sees half a change.
-            conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
-            with conn, conn.cursor() as cur:
-                return read_assignment(cur)
-        except (psycopg2.OperationalError, psycopg2.InterfaceError) as e:
-            self.close()
-            raise KansasError(f"PostgreSQL ({self.description}) failed: {e}") from None
-        finally:
-            if not conn.closed:
-                conn.set_session(isolation_level="DEFAULT", readonly=False)
+        for attempt in (1, 2):
+            conn = self._connection()
+            try:
+                # One snapshot for all the tables, so a reload never sees half a change.
+                conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
+                with conn, conn.cursor() as cur:
+                    return read_assignment(cur)
+            except (psycopg2.OperationalError, psycopg2.InterfaceError) as e:
+                # A connection from before a PostgreSQL restart: one more try on a new one.
+                self.close()
+                if attempt == 2:
+                    raise KansasError(f"PostgreSQL ({self.description}) failed: {e}") from None
+            finally:
+                if not conn.closed:
+                    conn.set_session(isolation_level="DEFAULT", readonly=False)
+        raise AssertionError("unreachable")
 
     def add_shard(self, name: str, url: str, weight: int) -> Shard:
         check_shard_args(name, url, weight)
@@ -182,6 +188,70 @@ class PostgresAuthority:
         except psycopg2.errors.UniqueViolation:
             raise KansasError(f"shard {name!r} already exists") from None
         return Shard(name, url, weight)
+
+    def set_weight(self, name: str, weight: int) -> Shard:
+        if weight < 0:
+            raise KansasError(f"bad weight {weight}: must be >= 0")
+        rows = self._run(
+            "UPDATE kansas_shards SET weight = %s WHERE name = %s RETURNING url", (weight, name)
+        )
+        if not rows:
+            raise UnknownShard(f"no shard named {name!r}")
+        return Shard(name, rows[0][0], weight)
+
+    def drain_shard(self, name: str) -> bool:
+        def work(cur: Any) -> bool:
+            _require_shards(cur, (name,))
+            cur.execute(
+                "UPDATE kansas_shards SET drained_weight = weight, weight = 0"
+                " WHERE name = %s AND drained_weight IS NULL RETURNING name",
+                (name,),
+            )
+            return cur.fetchone() is not None
+
+        return self._write(work)
+
+    def undrain_shard(self, name: str) -> int:
+        def work(cur: Any) -> int:
+            _require_shards(cur, (name,))
+            cur.execute(
+                "UPDATE kansas_shards SET weight = drained_weight, drained_weight = NULL"
+                " WHERE name = %s AND drained_weight IS NOT NULL RETURNING weight",
+                (name,),
+            )
+            row = cur.fetchone()
+            if row is None:
+                raise KansasError(f"shard {name!r} is not drained")
+            return int(row[0])
+
+        return self._write(work)
+
+    def drained_shards(self) -> dict[str, int]:
+        rows = self._run(
+            "SELECT name, drained_weight FROM kansas_shards WHERE drained_weight IS NOT NULL"
+        )
+        return {name: int(weight) for name, weight in rows}
+
+    def remove_shard(self, name: str) -> None:
+        def work(cur: Any) -> None:
+            _require_shards(cur, (name,))
+            cur.execute("SELECT 1 FROM kansas_shards WHERE name = %s FOR UPDATE", (name,))
+            counts = {}
+            for what, sql in (
+                ("pinned realm(s)", "SELECT count(*) FROM kansas_realm_pins WHERE shard = %s"),
+                ("split realm(s)",
+                 "SELECT count(DISTINCT realm) FROM kansas_realm_splits WHERE shard = %s"),
+                ("regex rule(s)",
+                 "SELECT count(DISTINCT pattern) FROM kansas_regex_rule_shards WHERE shard = %s"),
+                ("user override(s)", "SELECT count(*) FROM kansas_user_overrides WHERE shard = %s"),
+            ):  # fmt: skip
+                cur.execute(sql, (name,))
+                counts[what] = int(cur.fetchone()[0])
+            if any(counts.values()):
+                raise KansasError(shard_in_use_message(name, counts))
+            cur.execute("DELETE FROM kansas_shards WHERE name = %s", (name,))
+
+        self._write(work)
 
     def list_shards(self) -> list[Shard]:
         rows = self._run("SELECT name, url, weight FROM kansas_shards ORDER BY name")
@@ -217,6 +287,13 @@ class PostgresAuthority:
             (realm, user_id, shard),
             shard,
         )
+
+    def clear_user_overrides(self, realm: str, shard: str) -> int:
+        rows = self._run(
+            "DELETE FROM kansas_user_overrides WHERE realm = %s AND shard = %s RETURNING user_id",
+            (realm, shard),
+        )
+        return len(rows)
 
     def split_realm(self, realm: str, shards: Sequence[str]) -> None:
         names = check_split(shards)
@@ -279,10 +356,60 @@ class PostgresAuthority:
 
         self._write(work)
 
+    def start_move(
+        self, realm: str, user_id: int | None, to_shard: str, reload_rate: float
+    ) -> Move:
+        def work(cur: Any) -> Move:
+            _require_shards(cur, (to_shard,))
+            cur.execute("LOCK TABLE kansas_moves IN SHARE ROW EXCLUSIVE MODE")
+            cur.execute(
+                "UPDATE kansas_moves SET to_shard = %s, reload_rate = %s"
+                " WHERE state = 'running' AND realm = %s AND user_id IS NOT DISTINCT FROM %s"
+                f" RETURNING {_MOVE_COLUMNS}",
+                (to_shard, reload_rate, realm, user_id),
+            )
+            row = cur.fetchone()
+            if row is None:
+                cur.execute(
+                    "INSERT INTO kansas_moves (realm, user_id, to_shard, reload_rate)"
+                    f" VALUES (%s, %s, %s, %s) RETURNING {_MOVE_COLUMNS}",
+                    (realm, user_id, to_shard, reload_rate),
+                )
+                row = cur.fetchone()
+            return _move(row)
+
+        return self._write(work)
+
+    def update_move(self, move_id: int, invalidated: int, state: str = "running") -> None:
+        if state == "running":
+            self._run(
+                "UPDATE kansas_moves SET invalidated = %s WHERE id = %s", (invalidated, move_id)
+            )
+        else:
+            self._run(
+                "UPDATE kansas_moves SET invalidated = %s, state = %s, finished_at = now()"
+                " WHERE id = %s",
+                (invalidated, state, move_id),
+            )
+
+    def list_moves(self, running_only: bool = False) -> list[Move]:
+        where = " WHERE state = 'running'" if running_only else ""
+        rows = self._run(f"SELECT {_MOVE_COLUMNS} FROM kansas_moves{where} ORDER BY id DESC")
+        return [_move(row) for row in rows]
+
     def close(self) -> None:
         if self._conn is not None and not self._conn.closed:
             self._conn.close()
         self._conn = None
+
+
+_MOVE_COLUMNS = "id, realm, user_id, to_shard, reload_rate, state, invalidated"
+
+
+def _move(row: Any) -> Move:
+    mid, realm, user_id, to_shard, rate, state, invalidated = row
+    user = None if user_id is None else int(user_id)
+    return Move(int(mid), realm, user, to_shard, float(rate), state, int(invalidated))
 
 
 def _require_shards(cur: Any, names: Sequence[str]) -> None:

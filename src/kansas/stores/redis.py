@@ -1,8 +1,15 @@
 """The queue -> shard table in Redis, readable by operators with ``redis-cli``.
 
 One string key per queue, ``kansas:queue:<queue_id>``, holding compact JSON
-(``{"shard":…,"realm":…,"user":…,"timeout":…}``) and expiring a little after the shard
-would drop the queue. ``SET … EX`` writes a route in one atomic command.
+(``{"shard":…,"realm":…,"user":…,"timeout":…}``, plus ``"invalid":true`` once a move
+has invalidated it) and expiring a little after the shard would drop the queue.
+
+One set per realm, ``kansas:realm:<realm>``, holds the ids of the realm's queues, so a
+move finds them without scanning. It is written in the same Lua script as the mapping
+(one atomic step) and its expiry is pushed back to the longest of its members', so it
+disappears at the latest when the last of its mappings does: nothing is left behind.
+A member whose mapping expired stays in the set until then (readers skip it).
+``docs/redis.md`` shows how to read all of it with ``redis-cli``.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import txredisapi
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
@@ -21,6 +28,69 @@ from kansas.model import QueueRoute
 from kansas.stores.interface import ROUTE_SLACK_SECONDS, IRouteStore
 
 KEY_PREFIX = "kansas:queue:"
+
+
+#: Calls allowed to wait for a pool that has never connected yet (at start-up).
+MAX_QUEUED_UNCONNECTED = 1000
+
+
+class RedisUnavailable(ConnectionError):
+    """No connection to Redis is up."""
+
+
+REALM_PREFIX = "kansas:realm:"
+LOCK_PREFIX = "kansas:lock:"
+
+# KEYS: queue key, realm set; ARGV: route JSON, ttl, queue id, realm-set prefix.
+_PUT = """
+local old = redis.call('GET', KEYS[1])
+if old then
+  local realm = cjson.decode(old)['realm']
+  if ARGV[4] .. realm ~= KEYS[2] then redis.call('SREM', ARGV[4] .. realm, ARGV[3]) end
+end
+local ttl = tonumber(ARGV[2])
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl)
+redis.call('SADD', KEYS[2], ARGV[3])
+if redis.call('TTL', KEYS[2]) < ttl then redis.call('EXPIRE', KEYS[2], ttl) end
+return 1
+"""
+# KEYS: queue key, realm set; ARGV: ttl.
+_TOUCH = """
+local ttl = tonumber(ARGV[1])
+if redis.call('EXPIRE', KEYS[1], ttl) == 1 and redis.call('TTL', KEYS[2]) < ttl then
+  redis.call('EXPIRE', KEYS[2], ttl)
+end
+return 1
+"""
+# KEYS: queue key; ARGV: queue id, realm-set prefix.
+_DELETE = """
+local old = redis.call('GET', KEYS[1])
+if not old then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', ARGV[2] .. cjson.decode(old)['realm'], ARGV[1])
+return 1
+"""
+# KEYS: queue key. 1 if this call marked it invalid; 0 if gone or already invalid.
+_INVALIDATE = """
+local old = redis.call('GET', KEYS[1])
+if not old then return 0 end
+local route = cjson.decode(old)
+if route['invalid'] == true then return 0 end
+route['invalid'] = true
+redis.call('SET', KEYS[1], cjson.encode(route), 'KEEPTTL')
+return 1
+"""
+# KEYS: lock; ARGV: owner, milliseconds. Take it if free, extend it if ours.
+_ACQUIRE = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
+return 1
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"""
 #: No Redis call may hang a request: txredisapi waits forever while Redis is down.
 DEFAULT_CALL_TIMEOUT = 1.0
 
@@ -70,6 +140,8 @@ class RedisRouteStore:
         self.address = address
         self._clock = clock
         self._timeout = call_timeout
+        self._connected_once = False
+        self._queued_unconnected = 0
         # convertNumbers=False: routing data stays text ("007" must not become 7).
         self._redis = txredisapi.lazyConnectionPool(
             host=address.host,
@@ -86,6 +158,17 @@ class RedisRouteStore:
         )
 
     def _call(self, method: str, *args: Any) -> Deferred[Any]:
+        if self._redis._factory.size:
+            self._connected_once = True
+            self._queued_unconnected = 0
+        elif self._connected_once or self._queued_unconnected >= MAX_QUEUED_UNCONNECTED:
+            # No connection up: fail now. txredisapi would queue the call until Redis is
+            # back, and a call we give up on (timeout) stays in its queue: memory that
+            # grows for as long as an outage lasts. Only the very first calls, before the
+            # pool has ever connected (kansas just started), are let to wait for it.
+            return fail(RedisUnavailable(f"not connected to Redis ({self.address})"))
+        else:
+            self._queued_unconnected += 1
         d: Deferred[Any] = getattr(self._redis, method)(*args)
         d.addTimeout(self._timeout, self._clock)
         return d
@@ -97,21 +180,47 @@ class RedisRouteStore:
         )
 
     def put(self, route: QueueRoute) -> Deferred[None]:
-        key = KEY_PREFIX + route.queue_id
-        d = self._call("set", key, route.to_json(), route.timeout + ROUTE_SLACK_SECONDS)
-        return d.addCallback(lambda _: None)
+        keys = [KEY_PREFIX + route.queue_id, REALM_PREFIX + route.realm]
+        ttl = route.timeout + ROUTE_SLACK_SECONDS
+        args = [route.to_json(), ttl, route.queue_id, REALM_PREFIX]
+        return self._call("eval", _PUT, keys, args).addCallback(lambda _: None)
 
     def touch(self, route: QueueRoute) -> Deferred[None]:
-        key = KEY_PREFIX + route.queue_id
-        d = self._call("expire", key, route.timeout + ROUTE_SLACK_SECONDS)
+        keys = [KEY_PREFIX + route.queue_id, REALM_PREFIX + route.realm]
+        d = self._call("eval", _TOUCH, keys, [route.timeout + ROUTE_SLACK_SECONDS])
         return d.addCallback(lambda _: None)
 
     def delete(self, queue_id: str) -> Deferred[None]:
-        return self._call("delete", KEY_PREFIX + queue_id).addCallback(lambda _: None)
+        d = self._call("eval", _DELETE, [KEY_PREFIX + queue_id], [queue_id, REALM_PREFIX])
+        return d.addCallback(lambda _: None)
+
+    def invalidate(self, queue_id: str) -> Deferred[bool]:
+        d = self._call("eval", _INVALIDATE, [KEY_PREFIX + queue_id], [])
+        return d.addCallback(lambda done: int(done) == 1)
+
+    def acquire(self, name: str, owner: str, seconds: float) -> Deferred[bool]:
+        d = self._call("eval", _ACQUIRE, [LOCK_PREFIX + name], [owner, int(seconds * 1000)])
+        return d.addCallback(lambda done: int(done) == 1)
+
+    def release(self, name: str, owner: str) -> Deferred[None]:
+        d = self._call("eval", _RELEASE, [LOCK_PREFIX + name], [owner])
+        return d.addCallback(lambda _: None)
 
     @inlineCallbacks
     def routes(self, realm: str | None = None):  # type: ignore[no-untyped-def]
         found: list[QueueRoute] = []
+        if realm is not None:  # the realm's index, not a scan of every key
+            ids = sorted((yield self._call("smembers", REALM_PREFIX + realm)))
+            for start in range(0, len(ids), 1000):
+                chunk = ids[start : start + 1000]
+                values = yield self._call("mget", [KEY_PREFIX + i for i in chunk])
+                for queue_id, raw in zip(chunk, values, strict=True):
+                    if raw is not None:
+                        route = QueueRoute.from_json(queue_id, raw)
+                        if route.realm == realm:
+                            found.append(route)
+            found.sort(key=lambda r: (r.realm, r.queue_id))
+            return found
         cursor = "0"
         while True:
             cursor, keys = yield self._call("scan", cursor, KEY_PREFIX + "*", 1000)

@@ -116,3 +116,16 @@ def test_a_shard_hanging_up_mid_answer_had_taken_it() -> None:
     conn.dataReceived(OK[:-5])  # the head and part of the body
     conn.connectionLost(Failure(ConnectionDone()))
     assert outcomes[0].state == "failed" and w.notify.queued() == 0
+
+
+def test_drained_fires_once_held_notifications_are_out_and_tries_at_once() -> None:
+    w = World()
+    w.health.failed("a", "restarting")
+    w.notify.deliver(SHARD, letter(1))
+    fired: list[object] = []
+    w.notify.drained("a").addCallback(fired.append)  # a queue creation waits for this
+    conn, transport = w.next_connection()  # tried now, though the shard was believed down
+    assert transport.value().endswith(b"\r\n\r\n1") and not fired
+    conn.dataReceived(OK)
+    assert fired == [None] and not w.health.is_down("a")
+    assert w.notify.drained("a").called  # nothing held: at once

@@ -38,12 +38,13 @@ class Outcome:
 
 
 class _Mailbox:
-    __slots__ = ("letters", "sending", "shard")
+    __slots__ = ("emptied", "letters", "sending", "shard")
 
     def __init__(self, shard: Shard) -> None:
         self.shard = shard
         self.letters: deque[tuple[bytes, float]] = deque()  # (request bytes, deadline)
         self.sending = False
+        self.emptied: list[Deferred[None]] = []  # waiting for every letter to be out
 
 
 class NotifyDispatcher:
@@ -65,6 +66,28 @@ class NotifyDispatcher:
     def queued(self, name: str | None = None) -> int:
         boxes = self.boxes.values() if name is None else [self.boxes.get(name)]
         return sum(len(box.letters) for box in boxes if box is not None)
+
+    def drained(self, name: str) -> Deferred[None]:
+        """Fires once nothing is held for shard ``name`` (at once if nothing is).
+
+        A queue created on a shard before the notifications held for it are delivered
+        would receive events from before it existed: queue creation waits for this.
+        Asking starts a delivery attempt at once, without waiting for the next probe
+        (a shard believed down may be back already: Django just chose it).
+        """
+        box = self.boxes.get(name)
+        if box is None or not (box.letters or box.sending):
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        box.emptied.append(d)
+        self._flush(name)
+        return d
+
+    def _empty(self, box: _Mailbox) -> None:
+        waiting, box.emptied = box.emptied, []
+        for d in waiting:
+            if not d.called:
+                d.callback(None)
 
     def deliver(self, shard: Shard, payload: bytes) -> Deferred[Outcome]:
         box = self.boxes.get(shard.name)
@@ -114,6 +137,7 @@ class NotifyDispatcher:
             self.lost += 1
             log.warn("a notification for shard {s} expired undelivered", s=name)
         if not box.letters:
+            self._empty(box)
             return
         box.sending = True
         payload = box.letters[0][0]
@@ -124,6 +148,7 @@ class NotifyDispatcher:
     def _flushed(self, reply: Any, box: _Mailbox) -> None:
         box.sending = False
         box.letters.popleft()
+        self.health.succeeded(box.shard.name)  # it answered: it is up
         if reply.status != 200:
             self.lost += 1
             log.warn("shard {s} refused a held notification: status {st}", s=box.shard.name,
@@ -132,6 +157,7 @@ class NotifyDispatcher:
             self._flush(box.shard.name)
         else:
             log.info("held notifications delivered to shard {s}", s=box.shard.name)
+            self._empty(box)
 
     def _flush_failed(self, failure: Failure, box: _Mailbox) -> None:
         box.sending = False

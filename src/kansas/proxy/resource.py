@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from typing import Any, cast
 
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -117,9 +118,18 @@ class ShardProxyResource(ReverseProxyResource):
         if isinstance(chosen, bytes):
             return chosen
         d = chosen if isinstance(chosen, Deferred) else succeed(chosen)
+        d.addCallback(self._ready, request)
         d.addCallback(self._forward, request)
         d.addErrback(self._failed, request)
         return NOT_DONE_YET
+
+    def ready(self, request: Request, target: Target) -> Deferred[None] | None:
+        """Hook: a Deferred to wait for before forwarding to ``target`` (or None)."""
+        return None
+
+    def _ready(self, target: Target, request: Request) -> Target | Deferred[Target]:
+        waiting = self.ready(request, target)
+        return target if waiting is None else waiting.addCallback(lambda _: target)
 
     def _forward(self, target: Target, request: Request) -> Deferred[None]:
         exchange, reply = send_to(self.pool, target, request, retry_safe=False)
@@ -147,6 +157,11 @@ class ShardProxyResource(ReverseProxyResource):
         if isinstance(failure.value, NoShard):
             msg = f"No shard is available for realm {failure.value}"
             _finish(request, _json_error(request, 503, msg, "SHARD_UNAVAILABLE"))
+        elif isinstance(failure.value, CatchingUp):
+            msg = f"Shard {failure.value} is catching up after a restart"
+            retry = [b"1"]
+            request.responseHeaders.setRawHeaders(b"retry-after", retry)
+            _finish(request, _json_error(request, 503, msg, "SHARD_UNAVAILABLE"))
         elif isinstance(failure.value, ConnectionError):
             log.warn("{e}", e=failure.getErrorMessage())
             _finish(request, _json_error(request, 502, "Shard is unavailable", "BAD_GATEWAY"))
@@ -162,8 +177,37 @@ def _finish(request: Request, body: bytes) -> None:
     request.finish()
 
 
+class CatchingUp(Exception):
+    """A shard still has held notifications to receive: no new queue on it yet."""
+
+
+#: How long a queue creation waits for a shard to receive its held notifications (Django
+#: gives Tornado 0.5 s, then tries again).
+CATCH_UP_WAIT_SECONDS = 0.4
+
+
 class QueueResource(ShardProxyResource):
     """``POST /api/v1/events/internal``: Django creates a queue, or fetches from one."""
+
+    def __init__(self, pool: BackendPool, router: EventRouter, notify: NotifyDispatcher) -> None:
+        super().__init__(pool, router)
+        self.notify = notify
+
+    def ready(self, request: Request, target: Target) -> Deferred[None] | None:
+        if _arg(request, b"queue_id") is not None:
+            return None
+        # A new queue must not receive events from before it existed: a shard that is
+        # back from a restart first gets the notifications held for it.
+        name = target.shard.name
+        waiting = self.notify.drained(name)
+        if waiting.called:
+            return None
+
+        def late(failure: Failure) -> None:
+            failure.trap(TimeoutError, defer.TimeoutError)
+            raise CatchingUp(name)
+
+        return waiting.addTimeout(CATCH_UP_WAIT_SECONDS, self.pool.reactor).addErrback(late)
 
     def choose(self, request: Request) -> Target | Deferred[Target] | bytes:
         realm = realm_from_host(request.getHeader(b"host"))
@@ -278,7 +322,7 @@ class InternalRoot(Resource):
 
     def __init__(self, pool: BackendPool, router: EventRouter, notify: NotifyDispatcher) -> None:
         super().__init__()
-        self.queues = QueueResource(pool, router)
+        self.queues = QueueResource(pool, router, notify)
         self.broadcast = BroadcastResource(router, notify)
 
     def render(self, request: Request) -> bytes | int:

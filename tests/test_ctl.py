@@ -38,7 +38,7 @@ def test_manages_shards_pins_and_overrides(postgres_dsn: str) -> None:
     ]
     assert run(*pg, "where", "big.example.com") == (0, "b (realm-pin)\n")
     assert run(*pg, "where", "other.example.com", "3") == (0, "a (hash)\n")
-    assert run(*pg, "user", "move", "big.example.com", "3", "a")[0] == 0
+    assert run(*pg, "user", "move", "big.example.com", "3", "a", "--no-reload")[0] == 0
     assert run(*pg, "where", "big.example.com", "3") == (0, "a (user-override)\n")
     assert run(*pg, "realm", "unpin", "big.example.com")[0] == 0
 

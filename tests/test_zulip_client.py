@@ -397,7 +397,7 @@ def test_events_arrive_exactly_once_and_a_moved_user_re_registers(stack: Stack) 
 
     # Move user 3 to x. kansas never moves a queue: the old one on y keeps working, and
     # the placement module still sends user 3's events there (Redis-backed).
-    stack.ctl("user", "move", SPLIT, "3", stack.names[x.port])
+    stack.ctl("user", "move", SPLIT, "3", stack.names[x.port], "--no-reload")
     until(lambda: stack.placement.shard_for_new_queue(SPLIT, 3).port == x.port, 5,
           "the module to follow the move")  # fmt: skip
     assert [s.port for s in stack.placement.shards_for_user(SPLIT, 3)] == [x.port, y.port]

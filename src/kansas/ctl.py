@@ -213,10 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     move.add_argument("shard")
     _reload_options(move)
     move.add_argument(
-        "--reload", action="store_true",
-        help="also invalidate the user's queues elsewhere at --reload-rate (the clients "
-        "re-register there); without it, existing queues stay until they expire",
+        "--no-reload", dest="reload", action="store_false",
+        help="only send the user's new queues there; existing queues stay until they expire "
+        "(by default they are invalidated at --reload-rate and the clients re-register)",
     )  # fmt: skip
+    move.add_argument("--reload", dest="reload", action="store_true", help=argparse.SUPPRESS)
 
     commands.add_parser(
         "status", help="shards, weights, live queues per shard (Redis), moves in progress"

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import psycopg2
 import pytest
 
-from kansas.testing.servers import PostgresServer, RedisServer
+from kansas.testing.servers import PostgresServer, RedisSentinel, RedisServer
 
 _databases = itertools.count()
 
@@ -33,6 +33,14 @@ def redis_command(server: RedisServer, *args: str) -> bytes:
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
         s.sendall(payload)
         return s.recv(65536)
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel(redis_server: RedisServer) -> Iterator[RedisSentinel]:
+    """A Sentinel watching the session's Redis as the master of service "kansas"."""
+    with RedisSentinel(redis_server.port) as sentinel:
+        sentinel.start()
+        yield sentinel
 
 
 @pytest.fixture

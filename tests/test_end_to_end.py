@@ -23,7 +23,7 @@ import pytest
 from kansas.ctl import main as ctl
 from kansas.testing.client import Reply, call
 from kansas.testing.processes import CHECKOUT, DemoShardProcess, KansasProcess
-from kansas.testing.servers import PostgresServer, RedisServer, free_port
+from kansas.testing.servers import PostgresServer, RedisSentinel, RedisServer, free_port
 from tests.conftest import redis_command
 
 SECRET = "e2e-secret"
@@ -382,3 +382,26 @@ def test_twistd_kansas_refuses_an_old_schema(
     assert result.returncode != 0
     assert "kansas-ctl --postgres DSN migrate" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_kansas_finds_its_redis_through_sentinel(
+    tmp_path: Path,
+    postgres_dsn: str,
+    redis_url: str,
+    redis_server: RedisServer,
+    redis_sentinel: RedisSentinel,
+) -> None:
+    s = Stack(tmp_path, postgres_dsn, redis_sentinel.url)
+    try:
+        queue_id = s.create_queue(ONE, 1)
+        deadline = time.monotonic() + 5
+        key = f"kansas:queue:{queue_id}"
+        while redis_command(redis_server, "GET", key).startswith(b"$-1"):
+            assert time.monotonic() < deadline, "the mapping never reached the master"
+            time.sleep(0.02)
+        holder = "a" if queue_id in s.held_by("a") else "b"
+        s.ctl("realm", "pin", ONE, "b" if holder == "a" else "a")  # the fallback would miss
+        s.kansas.restart()  # a cold cache: only the mapping, read via Sentinel, finds it
+        assert s.get(queue_id, ONE).status == 200
+    finally:
+        s.stop()

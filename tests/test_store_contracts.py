@@ -21,6 +21,7 @@ from kansas.stores.interface import ROUTE_SLACK_SECONDS, IAuthority, IRouteStore
 from kansas.stores.memory import MemoryAuthority, MemoryRouteStore
 from kansas.stores.postgres import PostgresAuthority
 from kansas.stores.redis import KEY_PREFIX, REALM_PREFIX, RedisRouteStore, parse_redis_url
+from kansas.testing.servers import RedisSentinel
 from tests.conftest import redis_command
 
 A = QueueRoute("0b6e7c1e-0000-4000-8000-000000000001", "a", "one.example.com", 7, 600)
@@ -185,6 +186,30 @@ class TestRedisRouteStore(RouteStoreContract):
                 await dead.get("x")
         finally:
             await dead.close()
+
+
+class TestSentinelRouteStore(RouteStoreContract):
+    """The same contract through Redis Sentinel: the master is found by asking it."""
+
+    @pytest_twisted.async_yield_fixture
+    async def store(
+        self, redis_url: str, redis_sentinel: RedisSentinel
+    ) -> AsyncIterator[RedisRouteStore]:
+        from twisted.internet import reactor
+
+        store = RedisRouteStore(parse_redis_url(redis_sentinel.url), reactor)
+        yield store
+        await store.close()
+
+
+def test_sentinel_url_parsing() -> None:
+    address = parse_redis_url("redis+sentinel://:pw@10.0.0.1,10.0.0.2:26380/mymaster/3")
+    assert address.sentinels == (("10.0.0.1", 26379), ("10.0.0.2", 26380))
+    assert (address.service, address.db, address.password) == ("mymaster", 3, "pw")
+    assert str(address) == "redis+sentinel://10.0.0.1:26379,10.0.0.2:26380/mymaster/3"
+    for bad in ("redis+sentinel://h", "redis+sentinel://h:x/s", "redis+sentinel://h/s/db"):
+        with pytest.raises(KansasError):
+            parse_redis_url(bad)
 
 
 def test_redis_url_parsing() -> None:

@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import txredisapi
-from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
@@ -102,20 +102,63 @@ class RedisAddress:
     db: int
     password: str | None = None
     username: str | None = None
+    #: With Redis Sentinel: the sentinels to ask, and the name of the monitored master
+    #: (host and port are then the first sentinel's).
+    sentinels: tuple[tuple[str, int], ...] = ()
+    service: str | None = None
 
     def __str__(self) -> str:
+        if self.sentinels:
+            hosts = ",".join(f"{h}:{p}" for h, p in self.sentinels)
+            return f"redis+sentinel://{hosts}/{self.service}/{self.db}"
         return f"redis://{self.host}:{self.port}/{self.db}"
 
 
+SENTINEL_PORT = 26379
+
+
+def _parse_sentinel_url(url: str) -> RedisAddress:
+    """``redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/SERVICE[/db]``."""
+    rest = url[len("redis+sentinel://") :]
+    auth, _, rest = rest.rpartition("@")
+    hosts, _, path = rest.partition("/")
+    service, _, db = path.partition("/")
+    sentinels = []
+    for item in hosts.split(","):
+        host, colon, port = item.rpartition(":") if ":" in item else (item, "", "")
+        if not host or (colon and not port.isdigit()):
+            raise ConfigError(f"bad Redis Sentinel address {item!r} in {url!r}")
+        sentinels.append((host, int(port) if colon else SENTINEL_PORT))
+    if not service or (db and not db.isdigit()):
+        raise ConfigError(
+            f"bad Redis URL {url!r}: expected redis+sentinel://HOST[:PORT][,...]/SERVICE[/DB]"
+        )
+    username, _, password = auth.partition(":")
+    return RedisAddress(
+        host=sentinels[0][0],
+        port=sentinels[0][1],
+        db=int(db or 0),
+        password=unquote(password) if password else None,
+        username=unquote(username) if username else None,
+        sentinels=tuple(sentinels),
+        service=service,
+    )
+
+
 def parse_redis_url(url: str) -> RedisAddress:
-    """``redis://[[user]:password@]host[:port][/db]`` -> RedisAddress, or ConfigError."""
+    """``redis://[[user]:password@]host[:port][/db]``, or a Sentinel URL
+    (``redis+sentinel://…``) -> RedisAddress, or ConfigError."""
+    if url.startswith("redis+sentinel://"):
+        return _parse_sentinel_url(url)
     try:
         parts = urlsplit(url)
         port = parts.port or 6379
     except ValueError as e:
         raise ConfigError(f"bad Redis URL {url!r}: {e}") from None
     if parts.scheme != "redis" or not parts.hostname:
-        raise ConfigError(f"bad Redis URL {url!r}: expected redis://HOST[:PORT][/DB]")
+        raise ConfigError(
+            f"bad Redis URL {url!r}: expected redis://HOST[:PORT][/DB] or redis+sentinel://…"
+        )
     path = parts.path.lstrip("/")
     if path and not path.isdigit():
         raise ConfigError(f"bad Redis URL {url!r}: database must be a number")
@@ -143,6 +186,22 @@ class RedisRouteStore:
         self._connected_once = False
         self._queued_unconnected = 0
         # convertNumbers=False: routing data stays text ("007" must not become 7).
+        self._sentinel: Any = None
+        if address.sentinels:
+            # The master's address is asked of the sentinels before every connection,
+            # so a failover is followed (connections to the old master are dropped).
+            self._sentinel = txredisapi.Sentinel(list(address.sentinels))
+            self._redis = self._sentinel.master_for(
+                address.service,
+                dbid=address.db or None,
+                poolsize=poolsize,
+                isLazy=True,
+                password=address.password,
+                username=address.username,
+                convertNumbers=False,
+                replyTimeout=max(call_timeout, 5.0),
+            )
+            return
         self._redis = txredisapi.lazyConnectionPool(
             host=address.host,
             port=address.port,
@@ -238,4 +297,7 @@ class RedisRouteStore:
 
     def close(self) -> Deferred[None]:
         d: Deferred[None] = self._redis.disconnect()
+        if self._sentinel is not None:
+            sentinels: Deferred[Any] = self._sentinel.disconnect()
+            return DeferredList([d, sentinels], consumeErrors=True).addCallback(lambda _: None)
         return d if d is not None else succeed(None)

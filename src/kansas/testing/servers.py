@@ -233,3 +233,35 @@ class PostgresServer(_Process):
 
     def stop(self, sig: int = signal.SIGINT) -> None:  # SIGINT: PostgreSQL's fast shutdown
         super().stop(sig)
+
+
+class RedisSentinel(_Process):
+    """A private Redis Sentinel watching one master (``redis-server --sentinel``)."""
+
+    name = "sentinel"
+
+    def __init__(self, master_port: int, service: str = "kansas", base_dir: Path | None = None):
+        super().__init__(base_dir)
+        self.master_port = master_port
+        self.service = service
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.port}/{self.service}/0"
+
+    def ping(self) -> bool:
+        return RedisServer.ping(self)  # type: ignore[arg-type]
+
+    def start(self, port: int | None = None) -> RedisSentinel:
+        self.port = port or free_port()
+        config = self.dir / "sentinel.conf"  # Sentinel rewrites it: it must be writable
+        config.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\n"
+            f"sentinel monitor {self.service} 127.0.0.1 {self.master_port} 1\n"
+            f"sentinel down-after-milliseconds {self.service} 1000\n"
+            f"sentinel failover-timeout {self.service} 5000\n"
+        )
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        proc = self._spawn([binary, str(config), "--sentinel"])
+        wait_until(self.ping, "redis sentinel", proc)
+        return self

@@ -593,3 +593,13 @@ def test_x_accel_redirect_waits_for_a_down_shard_too(h: Harness) -> None:
     assert ct.value() == b"" and h.parking.parked("a") == 1
     h.health.succeeded("a")
     assert b"X-Accel-Redirect: /internal/tornado/9800/" in ct.value()
+
+
+def test_head_and_body_limits_are_the_listeners_settings(h: Harness) -> None:
+    h.front.max_head, h.front.max_body = 2048, 10
+    client, ct = h.client()
+    client.dataReceived(b"GET /json/events?queue_id=x HTTP/1.1\r\nX: " + b"a" * 3000)
+    assert status_and_json(ct.value())[0] == 431
+    client, ct = h.client()
+    client.dataReceived(b"DELETE /json/events HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n")
+    assert status_and_json(ct.value())[0] == 413

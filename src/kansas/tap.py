@@ -61,6 +61,10 @@ class Options(usage.Options):
         ["connect-timeout", None, 5.0, "Seconds to connect to a shard.", _positive],
         ["redis-timeout", None, 1.0, "Seconds any Redis call may take.", _positive],
         ["idle-timeout", None, 75.0, "Seconds an idle client connection is kept.", _positive],
+        ["max-head-bytes", None, 16384, "Largest request head (line and headers) accepted; "
+         "beyond, 431.", int],
+        ["max-body-bytes", None, 65536, "Largest request body on the public listener; "
+         "beyond, 413.", int],
         ["header-timeout", None, 10.0,
          "Seconds a client may take to send a request head.", _positive],
         ["reload-interval", None, 60.0,
@@ -89,6 +93,8 @@ class Options(usage.Options):
                 _fail(f"bad --x-accel-redirect {accel!r}: {e!r}")
             if not accel.startswith("/"):
                 _fail(f"bad --x-accel-redirect {accel!r}: must be a path")
+        if self["max-head-bytes"] < 1024 or self["max-body-bytes"] < 0:
+            _fail("--max-head-bytes must be >= 1024 and --max-body-bytes >= 0")
         if self["max-parked"] < 0:
             _fail("--max-parked must be >= 0")
         if not self["postgres"]:
@@ -203,6 +209,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         router, pool, reactor, health, parking,
         idle_timeout=options["idle-timeout"], park_timeout=options["park-timeout"],
         header_timeout=options["header-timeout"], accel_prefix=options["x-accel-redirect"],
+        max_head=options["max-head-bytes"], max_body=options["max-body-bytes"],
     )  # fmt: skip
 
     notify = NotifyDispatcher(pool, health)

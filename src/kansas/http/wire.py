@@ -114,12 +114,13 @@ class RequestParser:
     be answered and closed, as the stream can no longer be trusted.
     """
 
-    __slots__ = ("_buf", "_pending", "max_body")
+    __slots__ = ("_buf", "_pending", "max_body", "max_head")
 
-    def __init__(self, max_body: int) -> None:
+    def __init__(self, max_body: int, max_head: int = MAX_HEAD_BYTES) -> None:
         self._buf = b""
         self._pending: Request | None = None  # head parsed, body still arriving
         self.max_body = max_body
+        self.max_head = max_head
 
     def feed(self, data: bytes) -> None:
         self._buf = self._buf + data if self._buf else data
@@ -145,12 +146,12 @@ class RequestParser:
             buf = self._buf
             end = buf.find(b"\r\n\r\n")
             if end == -1:
-                if len(buf) > MAX_HEAD_BYTES:
+                if len(buf) > self.max_head:
                     raise HttpError(431, "request head too large")
                 if b"\n\n" in buf:
                     raise HttpError(400, "lines must end with CRLF")
                 return None
-            if end > MAX_HEAD_BYTES:
+            if end > self.max_head:
                 raise HttpError(431, "request head too large")
             request = self._parse_head(buf[:end])
             self._buf = buf[end + 4 :]

@@ -21,7 +21,14 @@ from twisted.python.failure import Failure
 
 from kansas.health import HealthMonitor
 from kansas.http.responses import bad_queue_response, error_response, json_response, status_line
-from kansas.http.wire import Header, HttpError, Request, RequestParser, is_json
+from kansas.http.wire import (
+    MAX_HEAD_BYTES,
+    Header,
+    HttpError,
+    Request,
+    RequestParser,
+    is_json,
+)
 from kansas.proxy.backend import BackendPool, Exchange, Failed
 from kansas.proxy.forwarding import (
     EVENT_PATHS,
@@ -108,7 +115,7 @@ class FrontProtocol(Protocol):
 
     def __init__(self, proxy: FrontFactory) -> None:
         self.proxy = proxy
-        self.parser = RequestParser(MAX_BODY_BYTES)
+        self.parser = RequestParser(proxy.max_body, proxy.max_head)
         self.busy = False
         self.gone = False
         self.in_loop = False
@@ -517,6 +524,8 @@ class FrontFactory(Factory):
         park_timeout: float = 50.0,
         header_timeout: float = 10.0,
         accel_prefix: str | None = None,
+        max_head: int = MAX_HEAD_BYTES,
+        max_body: int = MAX_BODY_BYTES,
         reap_interval: float = 5.0,
     ) -> None:
         self.router = router
@@ -528,6 +537,8 @@ class FrontFactory(Factory):
         self.header_timeout = header_timeout
         #: e.g. "/internal/tornado/{port}": answer mapped GETs with X-Accel-Redirect
         self.accel_prefix = accel_prefix
+        self.max_head = max_head
+        self.max_body = max_body
         self.idle_timeout = idle_timeout
         self.connections: set[FrontProtocol] = set()
         self._reaper = LoopingCall(self.reap)

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -181,6 +182,20 @@ class Mover:
         return total
 
 
+@asynccontextmanager
+async def _recorded(authority: IAuthority, move_id: int, mover: Mover) -> AsyncIterator[None]:
+    """Run a move's work: its row says "done" or "interrupted" after, and the realm's
+    mover lock is given back either way."""
+    try:
+        yield
+    except BaseException:
+        authority.update_move(move_id, mover.progress.invalidated, "interrupted")
+        await mover.unlock()
+        raise
+    authority.update_move(move_id, mover.progress.invalidated, "done")
+    await mover.unlock()
+
+
 async def sleep(clock: IReactorTime, seconds: float) -> None:
     if seconds > 0:
         await deferLater(clock, seconds, lambda: None)
@@ -215,7 +230,7 @@ async def move_realm(
     mover = Mover(store, clock, realm, rate, report=_reporter(say, clock))
     await mover.lock()
     move = authority.start_move(realm, None, shard, rate)
-    try:
+    async with _recorded(authority, move.id, mover):
         if batch:
             routes = await store.routes(realm)
             users = sorted({r.user_id for r in routes if r.user_id is not None
@@ -238,12 +253,6 @@ async def move_realm(
         await sleep(clock, settle)
         assignment = authority.load()
         await mover.run(lambda r: misplaced(assignment, r))
-    except BaseException:
-        authority.update_move(move.id, mover.progress.invalidated, "interrupted")
-        await mover.unlock()
-        raise
-    authority.update_move(move.id, mover.progress.invalidated, "done")
-    await mover.unlock()
     return mover.progress
 
 
@@ -264,15 +273,9 @@ async def move_user(
     authority.move_user(realm, user_id, shard)  # UnknownShard before anything else
     await mover.lock()
     move = authority.start_move(realm, user_id, shard, rate)
-    try:
+    async with _recorded(authority, move.id, mover):
         await sleep(clock, settle)
         await mover.run(lambda r: r.user_id == user_id and r.shard != shard)
-    except BaseException:
-        authority.update_move(move.id, mover.progress.invalidated, "interrupted")
-        await mover.unlock()
-        raise
-    authority.update_move(move.id, mover.progress.invalidated, "done")
-    await mover.unlock()
     return mover.progress
 
 
@@ -313,15 +316,9 @@ async def drain_shard(
         mover = Mover(store, clock, realm, rate, report=_reporter(say, clock))
         await mover.lock()
         move = authority.start_move(realm, None, decision.shard, rate)
-        try:
+        async with _recorded(authority, move.id, mover):
             await sleep(clock, settle)  # every kansas reads the realm's mappings anew
             await mover.run(partial(_drained_from, assignment, shard))
-        except BaseException:
-            authority.update_move(move.id, mover.progress.invalidated, "interrupted")
-            await mover.unlock()
-            raise
-        authority.update_move(move.id, mover.progress.invalidated, "done")
-        await mover.unlock()
         p = mover.progress
         total.invalidated += p.invalidated
         total.busy += p.busy

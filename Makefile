@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The checkout on sys.path lets twistd find twisted/plugins/kansas_plugin.py.
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: test lint typecheck suite run bench fuzz format clean system-deps
+.PHONY: test lint typecheck suite run bench chaos fuzz format clean system-deps
 
 system-deps:
 	@scripts/system-deps.sh
@@ -19,8 +19,8 @@ $(BIN)/.installed: setup.cfg setup.py pyproject.toml
 test: lint typecheck suite
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check src tests twisted bench
-	$(BIN)/ruff format --check src tests twisted bench
+	$(BIN)/ruff check src tests twisted bench scripts
+	$(BIN)/ruff format --check src tests twisted bench scripts
 
 typecheck: $(BIN)/.installed
 	$(BIN)/mypy
@@ -33,15 +33,19 @@ run: $(BIN)/.installed system-deps
 	$(BIN)/python -m kansas.demo.stack
 
 bench: $(BIN)/.installed
-	@scripts/system-deps.sh wrk
+	@scripts/system-deps.sh wrk nginx
 	$(BIN)/python bench/first_figure.py
+	$(BIN)/python bench/against_nginx.py --write
+
+chaos: $(BIN)/.installed system-deps
+	$(BIN)/python scripts/chaos.py $(CHAOS_ARGS)
 
 fuzz: $(BIN)/.installed
 	KANSAS_FUZZ_EXAMPLES=$${KANSAS_FUZZ_EXAMPLES:-20000} $(BIN)/pytest -q tests/test_fuzz.py --timeout 0
 
 format: $(BIN)/.installed
-	$(BIN)/ruff format src tests twisted bench
-	$(BIN)/ruff check --fix src tests twisted bench
+	$(BIN)/ruff format src tests twisted bench scripts
+	$(BIN)/ruff check --fix src tests twisted bench scripts
 
 clean:
 	rm -rf $(VENV) .run build *.egg-info src/*.egg-info

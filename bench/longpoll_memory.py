@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import resource
+import shutil
 import socket
 import tempfile
 import time
@@ -92,6 +93,7 @@ def main() -> None:
         finally:
             kansas.stop()
             shard.stop()
+    shutil.rmtree(tmp, ignore_errors=True)
     print(f"kansas RSS before holding any long-poll: {base:,} KiB")
     print("| held long-polls | parked at the shard | kansas RSS (KiB) | bytes per long-poll |")
     print("|---|---|---|---|")

@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import re
 import resource
+import shutil
 import socket
 import tempfile
 import time
@@ -99,6 +100,7 @@ def main() -> None:
         finally:
             kansas.stop()
             shard.stop()
+    shutil.rmtree(tmp, ignore_errors=True)
     print(f"{n:,} long-polls held through kansas, then their shard restarted:")
     print(f"- kansas RSS while the shard held them: {held:,} KiB; while kansas parked them: "
           f"{parked:,} KiB ({(parked - held) * 1024 / n:+,.0f} bytes per GET: the backend "

@@ -603,3 +603,12 @@ def test_head_and_body_limits_are_the_listeners_settings(h: Harness) -> None:
     client, ct = h.client()
     client.dataReceived(b"DELETE /json/events HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n")
     assert status_and_json(ct.value())[0] == 413
+
+
+def test_only_a_trusted_front_may_name_the_client(h: Harness) -> None:
+    h.route()
+    h.front.trusted_fronts = frozenset({"10.1.2.3"})  # the harness's client address
+    client, _ = h.client()
+    client.dataReceived(get())  # carries X-Real-Ip: 6.6.6.6
+    _conn, st = h.shard_connection(9800)
+    assert b"X-Real-Ip: 6.6.6.6\r\n" in st.value()

@@ -217,3 +217,18 @@ def test_query_parsing_matches_the_standard_library(pairs: list[tuple[str, str]]
     query = urlencode(pairs)
     expected = {k.encode(): v.encode() for k, v in parse_qsl(query, keep_blank_values=True)}
     assert _params(query.encode()) == expected
+
+
+def test_a_trusted_fronts_real_ip_is_kept_if_it_is_an_address() -> None:
+    (request,) = parse_all(
+        b"GET /json/events?queue_id=q HTTP/1.1\r\nHost: a\r\nX-Real-Ip: 203.0.113.9\r\n\r\n"
+    )
+    trusted = upstream_head(request.method, request.target, request.headers, "127.0.0.1", 0, True)
+    assert b"X-Real-Ip: 203.0.113.9\r\n" in trusted
+    untrusted = upstream_head(request.method, request.target, request.headers, "127.0.0.1", 0)
+    assert b"X-Real-Ip: 127.0.0.1\r\n" in untrusted and b"203.0.113.9" not in untrusted
+    (forged,) = parse_all(
+        b"GET /json/events?queue_id=q HTTP/1.1\r\nHost: a\r\nX-Real-Ip: evil, 1.2.3.4\r\n\r\n"
+    )
+    head = upstream_head(forged.method, forged.target, forged.headers, "127.0.0.1", 0, True)
+    assert b"X-Real-Ip: 127.0.0.1\r\n" in head and b"evil" not in head

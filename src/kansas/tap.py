@@ -65,6 +65,9 @@ class Options(usage.Options):
          "beyond, 431.", int],
         ["max-body-bytes", None, 65536, "Largest request body on the public listener; "
          "beyond, 413.", int],
+        ["trust-real-ip-from", None, "",
+         "Comma-separated addresses of fronts (nginx) whose X-Real-Ip is passed on; from "
+         "any other peer it is replaced by the peer's address (default: none)."],
         ["header-timeout", None, 10.0,
          "Seconds a client may take to send a request head.", _positive],
         ["reload-interval", None, 60.0,
@@ -210,6 +213,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         idle_timeout=options["idle-timeout"], park_timeout=options["park-timeout"],
         header_timeout=options["header-timeout"], accel_prefix=options["x-accel-redirect"],
         max_head=options["max-head-bytes"], max_body=options["max-body-bytes"],
+        trusted_fronts=frozenset(a for a in options["trust-real-ip-from"].split(",") if a),
     )  # fmt: skip
 
     notify = NotifyDispatcher(pool, health)

@@ -7,6 +7,7 @@ can (the hot path), else asks Redis, else falls back to the realm's home shard.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Protocol as TypingProtocol
@@ -149,12 +150,18 @@ def upstream_head(
     headers: list[Header],
     peer: str,
     body_length: int,
+    trust_real_ip: bool = False,
 ) -> bytes:
     """The HTTP/1.1 request head for a shard: hop-by-hop headers out, ``Host`` kept,
-    ``X-Real-Ip`` set to the real peer and the peer appended to ``X-Forwarded-For``."""
+    ``X-Real-Ip`` set to the real peer and the peer appended to ``X-Forwarded-For``.
+
+    ``trust_real_ip``: the peer is a trusted front (nginx): its ``X-Real-Ip``, if it is
+    an IP address, is the client's and is passed on instead of the peer's.
+    """
     parts = [method, b" ", target, b" HTTP/1.1\r\n"]
     listed: frozenset[bytes] | set[bytes] = frozenset()
     forwarded_for = b""
+    real_ip = peer.encode()
     for lname, _name, value in headers:
         if lname == b"connection":
             listed = {t.strip().lower() for t in value.split(b",")}
@@ -162,15 +169,25 @@ def upstream_head(
         if lname in _REPLACED_UPSTREAM or lname in listed:
             if lname == b"x-forwarded-for":
                 forwarded_for = value
+            elif lname == b"x-real-ip" and trust_real_ip and _is_ip(value):
+                real_ip = value
             continue
         parts += (name, b": ", value, b"\r\n")
     peer_bytes = peer.encode()
     chain = forwarded_for + b", " + peer_bytes if forwarded_for else peer_bytes
-    parts += (b"X-Forwarded-For: ", chain, b"\r\nX-Real-Ip: ", peer_bytes, b"\r\n")
+    parts += (b"X-Forwarded-For: ", chain, b"\r\nX-Real-Ip: ", real_ip, b"\r\n")
     if body_length or method not in (b"GET", b"HEAD", b"DELETE"):
         parts += (b"Content-Length: ", str(body_length).encode(), b"\r\n")
     parts.append(b"\r\n")
     return b"".join(parts)
+
+
+def _is_ip(value: bytes) -> bool:
+    try:
+        ipaddress.ip_address(value.decode("ascii"))
+    except ValueError:
+        return False
+    return True
 
 
 def downstream_headers(headers: list[Header]) -> list[Header]:

@@ -111,6 +111,7 @@ class FrontProtocol(Protocol):
         "peer",
         "pending",
         "proxy",
+        "trusted",
     )
 
     def __init__(self, proxy: FrontFactory) -> None:
@@ -125,6 +126,7 @@ class FrontProtocol(Protocol):
         self.framing = _LENGTH
         self.head_out = b""
         self.peer = ""
+        self.trusted = False  # the peer is a trusted front: its X-Real-Ip is kept
         self.idle_since = 0.0
         self.head_since = 0.0
         self.linger: Any = None  # (timer, bytes still allowed) while closing gracefully
@@ -135,6 +137,7 @@ class FrontProtocol(Protocol):
     def connectionMade(self) -> None:
         assert self.transport is not None
         self.peer = getattr(self.transport.getPeer(), "host", "") or "unknown"
+        self.trusted = self.peer in self.proxy.trusted_fronts
         self.idle_since = self.proxy.clock.seconds()
         self.proxy.connections.add(self)
 
@@ -285,7 +288,7 @@ class FrontProtocol(Protocol):
             target = request.target
             if request.method == b"DELETE" and request.body and b"?" not in target:
                 target += b"?queue_id=" + e.route.queue_id.encode()  # from the form body
-            head = upstream_head(b"DELETE", target, request.headers, self.peer, 0)
+            head = upstream_head(b"DELETE", target, request.headers, self.peer, 0, self.trusted)
             self.proxy.pool.send(e.shard.address, head, _DISCARD_SINK, True)
 
     def _route_failed(self, failure: Failure, realm: str, request: Request) -> None:
@@ -305,7 +308,12 @@ class FrontProtocol(Protocol):
         if self.gone:
             return
         head = upstream_head(
-            request.method, request.target, request.headers, self.peer, len(request.body)
+            request.method,
+            request.target,
+            request.headers,
+            self.peer,
+            len(request.body),
+            self.trusted,
         )
         # Only the bytes for the shard are kept, not the parsed request: a held long-poll
         # should cost little memory.
@@ -526,6 +534,7 @@ class FrontFactory(Factory):
         accel_prefix: str | None = None,
         max_head: int = MAX_HEAD_BYTES,
         max_body: int = MAX_BODY_BYTES,
+        trusted_fronts: frozenset[str] = frozenset(),
         reap_interval: float = 5.0,
     ) -> None:
         self.router = router
@@ -539,6 +548,8 @@ class FrontFactory(Factory):
         self.accel_prefix = accel_prefix
         self.max_head = max_head
         self.max_body = max_body
+        #: peers (nginx) whose X-Real-Ip is the client's; any other peer's is replaced
+        self.trusted_fronts = trusted_fronts
         self.idle_timeout = idle_timeout
         self.connections: set[FrontProtocol] = set()
         self._reaper = LoopingCall(self.reap)

@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import parked_at, rss_kib  # bench/common.py (this script's folder)
+
 from kansas.ctl import main as ctl
 from kansas.testing.client import call
 from kansas.testing.processes import DemoShardProcess, KansasProcess
@@ -27,18 +29,6 @@ from kansas.testing.servers import PostgresServer, RedisServer
 
 REALM = "bench.example.com"
 SECRET = "bench-secret"
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
-
-
-def parked(shard_port: int) -> int:
-    queues = call(shard_port, "GET", "/demo/queues", timeout=60).json["queues"]
-    return sum(1 for q in queues if q["parked"])
 
 
 def main() -> None:
@@ -84,7 +74,7 @@ def main() -> None:
                               f"HTTP/1.1\r\nHost: {REALM}\r\n\r\n".encode())  # fmt: skip
                     clients.append(s)
                 deadline = time.monotonic() + 120
-                while (held := parked(shard.port)) < n and time.monotonic() < deadline:
+                while (held := parked_at(shard.port)) < n and time.monotonic() < deadline:
                     time.sleep(0.2)
                 rss = rss_kib(kansas.proc.pid)
                 rows.append((n, held, rss, (rss - base) * 1024 / n))

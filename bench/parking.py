@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import parked_at, rss_kib  # bench/common.py (this script's folder)
+
 from kansas.ctl import main as ctl
 from kansas.testing.client import call
 from kansas.testing.processes import DemoShardProcess, KansasProcess
@@ -29,18 +31,6 @@ from kansas.testing.servers import PostgresServer, RedisServer
 REALM = "bench.example.com"
 # Long-polls are held by the shard until this bench is done with them.
 SECRET = "bench-secret"
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
-
-
-def parked_at(shard_port: int) -> int:
-    queues = call(shard_port, "GET", "/demo/queues", timeout=60).json["queues"]
-    return sum(1 for q in queues if q["parked"])
 
 
 def wait(condition: object, what: str, seconds: float = 180) -> None:

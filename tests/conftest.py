@@ -74,3 +74,19 @@ def postgres_dsn(postgres_server: PostgresServer) -> str:
         cur.execute(f"CREATE DATABASE {name}")
     conn.close()
     return postgres_server.dsn.replace("dbname=kansas", f"dbname={name}")
+
+
+def terminate_sessions(dsn: str, application_name: str) -> int:
+    """Kill the PostgreSQL sessions of one application (a dropped connection, on demand);
+    how many there were."""
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE application_name = %s AND datname = current_database()",
+            (application_name,),
+        )
+        row = cur.fetchone()
+    conn.close()
+    return int(row[0]) if row else 0

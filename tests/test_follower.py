@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import psycopg2
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
 from kansas.follower import AssignmentFollower
 from kansas.stores.postgres import PostgresAuthority
+from tests.conftest import terminate_sessions
 
 
 async def until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "") -> float:
@@ -21,20 +21,6 @@ async def until(condition: Callable[[], bool], timeout: float = 10.0, what: str 
             raise AssertionError(f"timed out waiting for {what or condition}")
         await deferLater(reactor, 0.01)  # type: ignore[arg-type]
     return reactor.seconds() - start  # type: ignore[attr-defined,no-any-return]
-
-
-def terminate(dsn: str, application_name: str) -> int:
-    conn = psycopg2.connect(dsn)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-            " WHERE application_name = %s AND datname = current_database()",
-            (application_name,),
-        )
-        (count,) = cur.fetchone()
-    conn.close()
-    return int(count)
 
 
 @pytest_twisted.ensureDeferred
@@ -53,7 +39,7 @@ async def test_changes_arrive_by_notify_and_survive_a_lost_connection(postgres_d
         assert took < 1.0
 
         # Lose the LISTEN connection; a change made meanwhile arrives after reconnecting.
-        assert terminate(postgres_dsn, "kansas-listen") == 1
+        assert terminate_sessions(postgres_dsn, "kansas-listen") == 1
         await until(lambda: follower._reader is None, what="loss noticed")
         ctl.move_user("big.example.com", 7, "a")
         await until(lambda: ("big.example.com", 7) in follower.current.user_overrides, 10,

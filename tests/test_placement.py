@@ -26,6 +26,7 @@ from kansas.stores.postgres import PostgresAuthority
 from kansas.testing.client import call
 from kansas.testing.processes import CHECKOUT, DemoShardProcess, KansasProcess
 from kansas.testing.servers import free_port
+from tests.conftest import terminate_sessions
 
 SECRET = "placement-secret"
 
@@ -121,20 +122,6 @@ def test_follows_a_change_within_a_second(
     assert time.monotonic() - started < 1.0
 
 
-def terminate(dsn: str, application_name: str) -> int:
-    conn = psycopg2.connect(dsn)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-            " WHERE application_name = %s AND datname = current_database()",
-            (application_name,),
-        )
-        row = cur.fetchone()
-    conn.close()
-    return int(row[0]) if row else 0
-
-
 def sessions(dsn: str, application_name: str) -> list[int]:
     conn = psycopg2.connect(dsn)
     with conn, conn.cursor() as cur:
@@ -149,7 +136,7 @@ def sessions(dsn: str, application_name: str) -> list[int]:
 
 
 def test_reconnects_and_reloads_what_it_missed(dsn: str, placement: Placement) -> None:
-    until(lambda: terminate(dsn, "kansas-placement-listen") == 1, 5, "the LISTEN session")
+    until(lambda: terminate_sessions(dsn, "kansas-placement-listen") == 1, 5, "the LISTEN session")
     # Changed while the LISTEN connection is down (or coming back): not lost.
     ctl(dsn, "realm", "pin", "lost.example.com", "c")
     until(lambda: placement.shard_for_new_queue("lost.example.com", 1).name == "c", 10,

@@ -22,7 +22,7 @@ from kansas.stores.memory import MemoryAuthority, MemoryRouteStore
 from kansas.stores.postgres import PostgresAuthority
 from kansas.stores.redis import KEY_PREFIX, REALM_PREFIX, RedisRouteStore, parse_redis_url
 from kansas.testing.servers import RedisSentinel
-from tests.conftest import redis_command
+from tests.conftest import redis_command, terminate_sessions
 
 A = QueueRoute("0b6e7c1e-0000-4000-8000-000000000001", "a", "one.example.com", 7, 600)
 B = QueueRoute("0b6e7c1e-0000-4000-8000-000000000002", "b", "two.example.com", None, 3600)
@@ -451,15 +451,7 @@ class TestPostgresAuthority(AuthorityContract):
     def test_survives_a_dropped_connection(
         self, authority: PostgresAuthority, postgres_dsn: str
     ) -> None:
-        import psycopg2
 
         authority.migrate()
-        admin = psycopg2.connect(postgres_dsn)
-        admin.autocommit = True
-        with admin.cursor() as cur:
-            cur.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE application_name = 'kansas' AND datname = current_database()"
-            )
-        admin.close()
+        assert terminate_sessions(postgres_dsn, "kansas") == 1
         assert authority.list_shards() == []  # reconnected

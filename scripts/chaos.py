@@ -71,7 +71,10 @@ SHARDS = ("a", "b")
 CHURN_USER_BASE = 1_000_000
 #: Error kinds kansas-load may see because kansas itself was SIGKILLed: cut and refused
 #: connections. Anything else is reported as a failure.
-KILL_ERRORS = {"connection", "notify:connection", "register:connection"}
+KILL_ERRORS = {
+    "connection", "notify:connection", "register:connection",
+    "connect", "notify:connect", "register:connect",
+}  # fmt: skip
 RESTART_DEADLINE = 60.0
 #: What the summary keeps of kansas-load's report.
 LOAD_FIELDS = (

@@ -222,5 +222,5 @@ def test_cli_fails_on_errors_it_was_not_told_to_tolerate(tmp_path: Path) -> None
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=CHECKOUT)
     assert done.returncode == 1, done.stdout + done.stderr
     report = json.loads(report_path.read_text())
-    assert report["errors"].get("register:connection", 0) > 0
+    assert report["errors"].get("register:connect", 0) > 0
     assert report["clients_registered"] == 0

@@ -102,6 +102,13 @@ class HealthMonitor:
         for callback in self.on_healthy:
             callback(name)
 
+    def take_over(self, down: dict[str, list[Any]]) -> None:
+        """A predecessor's view of which shards are down (``{name: [since, why]}``):
+        park for them at once instead of learning it from a failed request."""
+        for name, (since, why) in down.items():
+            if name in self.directory.current.shards and name not in self.down:
+                self.down[name] = (float(since), str(why))
+
     def probe(self, name: str) -> None:
         """Find out now whether a shard answers (a long-poll was cut: is it going away?)."""
         shard = self.directory.current.shards.get(name)

@@ -43,6 +43,7 @@ import json
 import math
 import random
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -196,6 +197,7 @@ class LoadReport:
     long_polls: int
     dont_block_polls: int
     reregistrations: int
+    stale_retries: int
     errors: dict[str, int]
     request_latency: LatencySummary
     event_latency: LatencySummary
@@ -222,7 +224,8 @@ class LoadReport:
             + ("" if self.ok else f" ({'; '.join(self.failures)})"),
             f"  clients           {self.clients} ({self.long_poll_clients} long-polling, "
             f"{self.dont_block_clients} dont_block), {self.clients_registered} registered, "
-            f"{self.reregistrations} re-registrations",
+            f"{self.reregistrations} re-registrations, {self.stale_retries} GETs retried "
+            "on a closed keep-alive connection",
             f"  phases            {phases}  (drained: {'yes' if self.drained else 'NO'})",
             f"  events            {self.events_injected} injected, {self.events_confirmed} "
             f"confirmed, {self.events_failed} failed",
@@ -493,6 +496,7 @@ class _Connection(Protocol):
         self.parts: list[bytes] = []
         self.remaining = 0
         self.keep_alive = True
+        self.used = 0  # responses read on this connection
 
     def connectionMade(self) -> None:
         self.net.sockets += 1
@@ -509,6 +513,19 @@ class _Connection(Protocol):
         self.parts = []
         assert self.transport is not None
         self.transport.write(payload)
+
+    def closed_by_server(self) -> bool:
+        """Whether the server has closed this idle connection (peek: EOF or reset)."""
+        transport: Any = self.transport
+        handle = transport.getHandle() if transport is not None else None
+        if handle is None:
+            return True
+        try:
+            return bool(handle.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"")
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
 
     def abort(self) -> None:
         self.owner = None
@@ -626,6 +643,7 @@ class _Connection(Protocol):
 
     def _done(self) -> None:
         self.state = _IDLE
+        self.used += 1
         body = b"".join(self.parts) if len(self.parts) != 1 else self.parts[0]
         self.parts = []
         if self.buf:
@@ -647,6 +665,10 @@ class _Connection(Protocol):
             body = b"".join(self.parts)
             self.parts = []
             owner._response(self, self.status, self.headers, body, False)
+        elif self.state == _HEAD and not self.buf and self.used:
+            # A kept-alive connection the server closed as the request went out (it
+            # was idle on the server's side): not an answer, the request may be retried.
+            owner._lost(self, "stale")
         else:
             owner._lost(self, "connection")
 
@@ -680,6 +702,8 @@ class Network:
         self._sweep_call: IDelayedCall | None = None
         #: Sockets open right now (a close counts once the reactor reports it).
         self.sockets = 0
+        #: Idempotent requests sent again after a server closed an idle connection.
+        self.stale_retries = 0
 
     def start(self) -> None:
         self._sweep_call = self.reactor.callLater(SWEEP_INTERVAL, self._sweep)
@@ -721,6 +745,7 @@ class HTTPClient:
         "on_response",
         "payload",
         "port",
+        "sent",
     )
 
     def __init__(self, net: Network, host: str, port: int) -> None:
@@ -731,6 +756,7 @@ class HTTPClient:
         self.connector: IConnector | None = None
         self.connect_factory: _ConnectionFactory | None = None
         self.payload: bytes | None = None
+        self.sent: bytes | None = None  # the request in flight, kept for one retry
         self.on_response: ResponseCallback | None = None
         self.on_error: ErrorCallback | None = None
         self.deadline = 0.0
@@ -752,9 +778,17 @@ class HTTPClient:
         self.on_error = on_error
         self.deadline = self.net.reactor.seconds() + timeout
         self.net.busy.add(self)
-        if self.conn is not None:
-            self.conn.send(payload)
+        self.sent = payload
+        conn = self.conn
+        if conn is not None and not payload.startswith(b"GET ") and conn.closed_by_server():
+            self._drop(conn)  # as urllib3 (Django's client) checks before reusing one
+            conn = None
+        if conn is not None:
+            conn.send(payload)
             return
+        self._connect(payload, timeout)
+
+    def _connect(self, payload: bytes, timeout: float) -> None:
         self.payload = payload
         if self.connector is None:
             factory = _ConnectionFactory(self)
@@ -777,7 +811,7 @@ class HTTPClient:
         self.connector = None
         self.connect_factory = None
         self.payload = None
-        self._fail("connection")
+        self._fail("connect")  # refused or timed out: told apart from a cut connection
 
     def _response(
         self,
@@ -800,8 +834,16 @@ class HTTPClient:
         if conn is not self.conn:
             return
         self.conn = None
-        if self.on_response is not None:
-            self._fail(kind)
+        sent, self.sent = self.sent, None
+        if self.on_response is None:
+            return
+        if kind == "stale" and sent is not None and sent.startswith((b"GET ", b"DELETE ")):
+            # What every HTTP client does (RFC 9112, 9.3.1): an idempotent request on a
+            # connection closed before any answer is sent again, on a new connection.
+            self.net.stale_retries += 1
+            self._connect(sent, max(self.deadline - self.net.reactor.seconds(), 1.0))
+            return
+        self._fail("connection" if kind == "stale" else kind)
 
     def _timed_out(self) -> None:
         self._abort_connection()
@@ -814,6 +856,7 @@ class HTTPClient:
             errback(kind)
 
     def _clear(self) -> None:
+        self.sent = None
         self.on_response = None
         self.on_error = None
         self.net.busy.discard(self)
@@ -1188,6 +1231,7 @@ class LoadRun:
         self.registered_clients = 0
         self.reregistrations = 0
         self.phase = "init"
+        self._end_run_early = False
         self.phase_seconds: dict[str, float] = {}
         self.interrupted = False
         self._wake: Deferred[None] | None = None
@@ -1222,6 +1266,12 @@ class LoadRun:
         if len(self.internal_errors) < 5:
             self.internal_errors.append(text)
             sys.stderr.write(f"kansas-load: internal error:\n{text}")
+
+    def end_run(self) -> None:
+        """Stop injecting events now, then drain and report as usual (SIGUSR1), so a
+        scenario of unknown length (restarts under load) sets the run's length."""
+        self._end_run_early = True
+        self._poke()
 
     def interrupt(self) -> None:
         """End the current phase now and report (Ctrl-C)."""
@@ -1279,7 +1329,8 @@ class LoadRun:
             requests_before = self.requests
             self._inject_start = t1
             self._inject()
-            await self._wait(config.duration)
+            if not self._end_run_early:
+                await self._wait(config.duration, lambda: self._end_run_early)
             t2 = self.reactor.seconds()
             self.phase_seconds["run"] = round(t2 - t1, 3)
             run_requests = self.requests - requests_before
@@ -1448,6 +1499,7 @@ class LoadRun:
             long_polls=self.long_polls,
             dont_block_polls=self.dont_block_polls,
             reregistrations=self.reregistrations,
+            stale_retries=self.net.stale_retries,
             errors=dict(sorted(self.errors.items())),
             request_latency=self.request_latency.summary(),
             event_latency=self.accounting.event_latency.summary(),
@@ -1523,7 +1575,8 @@ def parse_args(argv: Sequence[str] | None) -> LoadConfig:
     parser = _ArgumentParser(
         prog="kansas-load",
         description="Simulate many Zulip clients against kansas (or a Tornado/demo shard) "
-        "and account for every event.",
+        "and account for every event. SIGUSR1 ends event injection early (then the "
+        "run drains and reports as usual); Ctrl-C interrupts.",
     )
     add = parser.add_argument
     add("--public", required=True, help="where clients long-poll, e.g. http://127.0.0.1:9799")
@@ -1612,6 +1665,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             cast(IReactorCore, reactor).stop()
 
     signal.signal(signal.SIGINT, on_sigint)
+    signal.signal(
+        signal.SIGUSR1, lambda *_: cast(IReactorThreads, reactor).callFromThread(run.end_run)
+    )
     cast(IReactorCore, reactor).callWhenRunning(lambda: ensureDeferred(go()))
     started = time.monotonic()
     reactor.run(installSignalHandlers=False)

@@ -198,3 +198,30 @@ class RouteTable:
 
     def __len__(self) -> int:
         return len(self._cache)
+
+    # -- a worker's successor takes over its table (kansas.process) ----------------------
+    def handover(self, limit: int = 100_000) -> dict[str, list[list[Any]]]:
+        """The newest cached routes (a successor starts warm) and every journalled
+        mapping Redis has not taken yet (so none is lost with this process)."""
+        newest = list(self._cache.values())[-limit:]
+        return {
+            "routes": [[r.queue_id, r.to_json(), touched] for r, touched in newest],
+            "journal": [[r.queue_id, r.to_json(), at] for r, at in self._journal.values()],
+        }
+
+    def take_over(self, state: dict[str, Any], skip_realms: frozenset[str]) -> int:
+        """Adopt a predecessor's ``handover``; what this process knows already wins, and
+        realms being moved are left for Redis to answer. Returns the routes taken."""
+        taken = 0
+        for queue_id, raw, touched in state.get("routes", ()):
+            if queue_id not in self._cache:
+                route = QueueRoute.from_json(queue_id, raw)
+                if route.realm not in skip_realms and len(self._cache) < self.max_cached:
+                    self._cache[queue_id] = [route, float(touched)]
+                    taken += 1
+        for queue_id, raw, recorded in state.get("journal", ()):
+            if queue_id not in self._journal:
+                self._journal[queue_id] = (QueueRoute.from_json(queue_id, raw), float(recorded))
+        if self._journal and not self._replayer.running:
+            self._replayer.start(self._replay_interval, now=False)
+        return taken

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from typing import Any, NoReturn
 
 from twisted.application.internet import StreamServerEndpointService
@@ -25,7 +26,7 @@ from kansas.proxy.forwarding import EventRouter
 from kansas.proxy.front import CLIENT_PATIENCE_SECONDS, FrontFactory
 from kansas.proxy.notify import NotifyDispatcher
 from kansas.proxy.parking import Parking
-from kansas.proxy.resource import internal_site
+from kansas.proxy.resource import InternalSite, internal_site
 from kansas.routes import RouteTable
 from kansas.stores.postgres import PostgresAuthority, describe_dsn
 from kansas.stores.redis import RedisRouteStore, parse_redis_url
@@ -79,13 +80,35 @@ class Options(usage.Options):
          "Parked GETs replayed per second to a shard that is back.", _positive],
         ["max-parked", None, 10000, "Parked GETs per shard; beyond, 503.", int],
         ["probe-interval", None, 1.0, "Seconds between probes of a down shard.", _positive],
+        ["workers", None, os.cpu_count() or 1,
+         "Worker processes sharing the listeners; SIGHUP replaces them all without "
+         "dropping a connection. 0: serve in this process (no master).", int],
+        ["drain-timeout", None, 60.0,
+         "Seconds a replaced or stopping worker may take to finish its requests (long-polls "
+         "end within ~55 s); set supervisor's stopwaitsecs above it.", _positive],
+        ["ready-timeout", None, 60.0,
+         "Seconds a new worker may take to become ready before its generation is "
+         "abandoned.", _positive],
         ["x-accel-redirect", None, None,
          "Answer GETs for mapped queues with X-Accel-Redirect to PREFIX + the request "
          "(PREFIX may use {port}, {host}, {shard}; e.g. /internal/tornado/{port}), so "
          "nginx holds the long-poll itself. Off by default."],
     ]  # fmt: skip
 
+    #: Set by a worker, whose listening sockets come from its master.
+    listeners_inherited = False
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        # Kept verbatim: a master starts its workers with the same options.
+        self.kansas_argv = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
+
+    def worker_args(self) -> list[str]:
+        return list(self.kansas_argv)
+
     def postOptions(self) -> None:
+        if self["workers"] < 0:
+            _fail("--workers must be >= 0")
         if self["park-timeout"] >= CLIENT_PATIENCE_SECONDS:
             _fail(f"--park-timeout must be below {CLIENT_PATIENCE_SECONDS:.0f} s")
         accel = self["x-accel-redirect"]
@@ -107,12 +130,14 @@ class Options(usage.Options):
             parse_redis_url(self["redis"])
         except ConfigError as e:
             _fail(str(e))
+        if self.listeners_inherited:
+            return  # a worker: its master made the sockets
         from twisted.internet import reactor
 
         for option in ("listen", "internal-listen"):
             try:
                 serverFromString(reactor, self[option])
-            except (ValueError, TypeError, KeyError) as e:
+            except (ValueError, TypeError, KeyError, IndexError) as e:
                 _fail(f"bad --{option} endpoint {self[option]!r}: {e}")
 
 
@@ -122,11 +147,13 @@ def _fail(message: str) -> NoReturn:
 
 
 class KansasService(MultiService):
-    """The listeners and the follower, plus the clean-up of shared connections.
+    """One serving kansas: its listeners' factories, the follower, and the clean-up of
+    shared connections.
 
     Stopping (SIGTERM) stops listening, then answers the long-polls in flight with an
     empty success (clients simply poll again, reaching the next kansas) instead of
-    cutting them; SIGHUP reloads the assignment from PostgreSQL.
+    cutting them. As a worker (``kansas.process.worker``) it can also ``retire``: finish
+    what is in flight while a successor takes the new connections.
     """
 
     def __init__(
@@ -138,6 +165,7 @@ class KansasService(MultiService):
         health: HealthMonitor,
         parking: Parking,
         front: FrontFactory,
+        internal: InternalSite,
         follower: AssignmentFollower,
     ):
         super().__init__()
@@ -148,12 +176,16 @@ class KansasService(MultiService):
         self.health = health
         self.parking = parking
         self.front = front
+        self.internal = internal
         self.follower = follower
+        #: SIGHUP reloads the assignment; a worker leaves SIGHUP to its master.
+        self.handle_hangup = True
 
     def startService(self) -> None:
         MultiService.startService(self)
         self.health.start()
-        self.reactor.callWhenRunning(self._handle_hangup)
+        if self.handle_hangup:
+            self.reactor.callWhenRunning(self._handle_hangup)
 
     def _handle_hangup(self) -> None:
         def hangup(signum: int, frame: object) -> None:
@@ -161,6 +193,39 @@ class KansasService(MultiService):
             self.reactor.callFromThread(self.follower.reload)
 
         signal.signal(signal.SIGHUP, hangup)
+
+    def redis_answers(self) -> Deferred[bool]:
+        """Whether Redis answers a read now (a worker's readiness)."""
+        d = self.table.store.get("kansas:readiness")
+        return d.addCallbacks(lambda _: True, lambda _: False)
+
+    def retire(self) -> None:
+        """A successor accepts the new connections: stop keeping ours alive."""
+        self.front.retire()
+        self.internal.retire()
+
+    def close_idle(self) -> None:
+        self.front.close_idle()
+        self.internal.close_idle()
+
+    def open_connections(self) -> int:
+        return len(self.front.connections) + self.internal.open_connections()
+
+    def handover(self) -> dict[str, Any]:
+        """The in-memory state a successor should start from (see ``take_over``)."""
+        state: dict[str, Any] = self.table.handover()
+        state["down"] = {name: list(entry) for name, entry in self.health.down.items()}
+        return state
+
+    def take_over(self, state: dict[str, Any]) -> None:
+        moving = frozenset(self.follower.current.moving_realms)
+        routes = self.table.take_over(state, moving)
+        self.health.take_over(state.get("down", {}))
+        log.info(
+            "took over {routes} cached routes, {journal} journalled mappings and {down} "
+            "down shards from the previous worker",
+            routes=routes, journal=len(state.get("journal", ())), down=len(state.get("down", {})),
+        )  # fmt: skip
 
     def stopService(self) -> Deferred[Any]:
         stopping = MultiService.stopService(self)  # stops listening first
@@ -182,6 +247,46 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
+    if options["workers"] > 0:
+        return _master(options, reactor)
+    service = assemble(options, reactor)
+    for option, factory in (("listen", service.front), ("internal-listen", service.internal)):
+        endpoint = serverFromString(reactor, options[option])
+        listener = StreamServerEndpointService(endpoint, factory)
+        listener._raiseSynchronously = True  # a port in use stops twistd with a clear error
+        listener.setServiceParent(service)
+    return service
+
+
+def _master(options: Options, reactor: Any) -> IService:
+    """The supervisor-facing process: binds the sockets, runs ``--workers`` workers."""
+    from kansas.process.master import Master
+    from kansas.process.sockets import bind
+
+    # What would stop every worker is said once, here, as one line (as without workers).
+    authority = PostgresAuthority(options["postgres"])
+    try:
+        authority.require_current_schema()
+    except KansasError as e:
+        _fail(str(e))
+    finally:
+        authority.close()
+    try:
+        listeners = [bind(name, options[name]) for name in ("listen", "internal-listen")]
+    except ConfigError as e:
+        _fail(str(e))
+    log.info(
+        "kansas master: public {pub}, internal {internal}, {n} workers",
+        pub=options["listen"], internal=options["internal-listen"], n=options["workers"],
+    )  # fmt: skip
+    return Master(
+        reactor, listeners, options.worker_args(), options["workers"],
+        drain_timeout=options["drain-timeout"], ready_timeout=options["ready-timeout"],
+    )  # fmt: skip
+
+
+def assemble(options: Options, reactor: Any) -> KansasService:
+    """Everything one serving process needs, except its listening ports."""
     lean_reactor.install(reactor)
     dsn = options["postgres"]
     authority = PostgresAuthority(dsn)
@@ -217,16 +322,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     )  # fmt: skip
 
     notify = NotifyDispatcher(pool, health)
-    service = KansasService(reactor, table, pool, authority, health, parking, front, follower)
+    internal = internal_site(pool, router, notify)
+    service = KansasService(
+        reactor, table, pool, authority, health, parking, front, internal, follower
+    )
     follower.setServiceParent(service)
-    listeners = [
-        (options["listen"], front),
-        (options["internal-listen"], internal_site(pool, router, notify)),
-    ]
-    for description, factory in listeners:
-        listener = StreamServerEndpointService(serverFromString(reactor, description), factory)
-        listener._raiseSynchronously = True  # a port in use stops twistd with a clear error
-        listener.setServiceParent(service)
     log.info(
         "kansas: public {pub}, internal {internal}, redis {redis}, postgres {pg}, {n} shards",
         pub=options["listen"], internal=options["internal-listen"],

@@ -8,6 +8,7 @@ under ``.run/`` (kept between runs), two demo shards, registers them, and runs
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import signal
 import sys
@@ -76,10 +77,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             if shard.name not in registered:
                 ctl([*common, "shard", "add", shard.name, shard.url])
         kansas = KansasProcess(logs, postgres.dsn, redis.url, public_port=args.public_port,
-                               internal_port=args.internal_port)  # fmt: skip
+                               internal_port=args.internal_port,
+                               workers=os.cpu_count() or 1)  # fmt: skip
         kansas.start()
         started.append(kansas)
-        print(_instructions(args, env_line, logs), flush=True)
+        assert kansas.proc is not None
+        print(_instructions(args, env_line, logs, kansas.proc.pid), flush=True)
         while all(thing.alive() for thing in started):
             time.sleep(0.5)
         dead = ", ".join(getattr(t, "name", "?") for t in started if not t.alive())
@@ -100,7 +103,7 @@ def _shard_names(common: list[str]) -> list[str]:
     return out.getvalue().splitlines()[1:]
 
 
-def _instructions(args: argparse.Namespace, env_line: str, logs: Path) -> str:
+def _instructions(args: argparse.Namespace, env_line: str, logs: Path, master: int) -> str:
     pub, internal = args.public_port, args.internal_port
     return f"""
 kansas is running (Ctrl-C stops everything):
@@ -128,6 +131,8 @@ Try it, in another terminal:
   .venv/bin/kansas-ctl queues
   .venv/bin/kansas-ctl shard list
   .venv/bin/kansas-ctl realm pin {REALM} b
+  # 5. replace kansas's workers with fresh ones (new code), not dropping a connection:
+  kill -HUP {master}    # then: grep generation {logs}/kansas.log
 """
 
 

@@ -43,7 +43,7 @@ from kansas.proxy.forwarding import (
     upstream_head,
 )
 from kansas.proxy.parking import Parked, Parking
-from kansas.proxy.sending import send_now
+from kansas.proxy.sending import has_unread, send_now
 from kansas.router import realm_from_host, valid_realm
 
 log = Logger()
@@ -57,6 +57,9 @@ MAX_AHEAD_BYTES = 64 * 1024
 #: can destroy the answer before the client reads it (say, a 413 for a large body).
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 4 * 1024 * 1024
+#: A retiring worker closes a keep-alive connection once it has been idle this long
+#: (a client sends its next request on a kept-alive connection within milliseconds).
+RETIRE_IDLE_SECONDS = 1.0
 #: However long a GET has been parked, it is answered this long after it arrived:
 #: Zulip's clients give up on a request after 90 s.
 CLIENT_PATIENCE_SECONDS = 85.0
@@ -185,7 +188,7 @@ class FrontProtocol(Protocol):
                         self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
                     return
                 self.busy = True
-                self.keep_alive = request.keep_alive
+                self.keep_alive = request.keep_alive and not self.proxy.retiring
                 self._dispatch(request)
         finally:
             self.in_loop = False
@@ -552,6 +555,7 @@ class FrontFactory(Factory):
         self.trusted_fronts = trusted_fronts
         self.idle_timeout = idle_timeout
         self.connections: set[FrontProtocol] = set()
+        self.retiring = False  # set when a successor takes over (see retire)
         self._reaper = LoopingCall(self.reap)
         self._reaper.clock = clock
         self._reap_interval = reap_interval
@@ -575,6 +579,33 @@ class FrontFactory(Factory):
         """
         for conn in list(self.connections):
             conn.stop_gracefully()
+
+    def retire(self) -> None:
+        """This worker is being replaced: stop keeping connections alive.
+
+        A request in flight is answered with ``Connection: close`` (long-polls finish
+        normally, within the shard's heartbeat); a keep-alive connection idle for
+        ``RETIRE_IDLE_SECONDS`` is closed (``close_idle``, called again while draining).
+        One idle for less is likely about to carry its client's next request: closing
+        it now would race with that request, so it gets ``Connection: close`` on that
+        answer instead. A connection that has not sent its first request yet is served
+        once: its client has committed to sending one.
+        """
+        self.retiring = True
+        for conn in self.connections:
+            conn.keep_alive = False
+        self.close_idle()
+
+    def close_idle(self) -> None:
+        """While retiring: close the keep-alive connections idle long enough."""
+        idle = self.clock.seconds() - RETIRE_IDLE_SECONDS
+        for conn in [
+            c
+            for c in self.connections
+            if not c.gone and not c.busy and not c.parser.buffered
+            and c.head_since and c.idle_since <= idle and not has_unread(c.transport)
+        ]:  # fmt: skip
+            conn._close_gracefully()
 
     def reap(self) -> None:
         """Close connections idle past ``idle_timeout``, and those still sending a

@@ -14,12 +14,15 @@ over kansas's persistent HTTP/1.1 connections instead of the stock HTTP/1.0 clie
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, cast
+from weakref import WeakSet
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.proxy import ReverseProxyResource
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -37,6 +40,7 @@ from kansas.proxy.forwarding import (
     upstream_head,
 )
 from kansas.proxy.notify import NotifyDispatcher
+from kansas.proxy.sending import has_unread
 from kansas.router import place_queue, realm_from_host
 
 log = Logger()
@@ -345,8 +349,77 @@ class InternalRoot(Resource):
             return _json_error(request, 500, "Internal error", "INTERNAL")
 
 
-def internal_site(pool: BackendPool, router: EventRouter, notify: NotifyDispatcher) -> Site:
-    site = Site(InternalRoot(pool, router, notify))
+class _InternalChannel(HTTPChannel):
+    """An HTTP connection from Django that stops being kept alive once kansas retires."""
+
+    site: InternalSite
+    idle_since = 0.0
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.idle_since = time.monotonic()
+
+    def checkPersistence(self, request: Any, version: bytes) -> bool:
+        if self.site.retiring:
+            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            return False
+        return bool(super().checkPersistence(request, version))
+
+    def requestDone(self, request: Any) -> None:
+        self.idle_since = time.monotonic()
+        super().requestDone(request)
+
+
+class InternalSite(Site):
+    """The internal listener's Site, which knows its connections so it can retire."""
+
+    protocol = _InternalChannel  # type: ignore[assignment]  # a plain HTTP/1.1 channel
+
+    def __init__(self, resource: Resource) -> None:
+        super().__init__(resource)
+        self.retiring = False
+        self.channels: WeakSet[_InternalChannel] = WeakSet()
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = super().buildProtocol(addr)
+        self.channels.add(channel)
+        return channel
+
+    def open_connections(self) -> int:
+        """Connections still open (closed ones leave the weak set)."""
+        return sum(1 for c in self.channels if c.connected)
+
+    def retire(self) -> None:
+        """Answer every request from now on with ``Connection: close``, and close the
+        connections idle long enough (``close_idle``, called again while draining)."""
+        self.retiring = True
+        for channel in list(self.channels):
+            for request in channel.requests:
+                channel.persistent = False
+                if not request.startedWriting:
+                    # Said in the answer, so the client sends nothing more on it.
+                    request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        self.close_idle()
+
+    def close_idle(self, min_idle: float = 1.0) -> None:
+        """Close the connections idle for ``min_idle``. Django's calls are POSTs, which
+        its client will not send again on a new connection if this one closes under
+        them, and it reuses a connection within milliseconds: closing only those idle
+        for a while keeps clear of that race; the others close after their next answer.
+        """
+        idle = time.monotonic() - min_idle
+        for channel in list(self.channels):
+            if (
+                channel.connected
+                and not channel.requests
+                and channel.idle_since <= idle
+                and not has_unread(channel.transport)
+            ):
+                channel.loseConnection()
+
+
+def internal_site(pool: BackendPool, router: EventRouter, notify: NotifyDispatcher) -> InternalSite:
+    site = InternalSite(InternalRoot(pool, router, notify))
     site.displayTracebacks = False
     site.noisy = False
     # No access log line per internal call: at Zulip's rate of queue creation it is noise.

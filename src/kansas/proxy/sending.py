@@ -9,6 +9,7 @@ what the kernel did not take (or the error, which Twisted then reports as usual)
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from twisted.internet.abstract import FileDescriptor
@@ -30,3 +31,15 @@ def send_now(transport: Any, data: bytes) -> None:
         # Partial send or an error: Twisted buffers the rest, or finds the error again
         # on its own write and closes the connection the usual way.
     transport.write(data)
+
+
+def has_unread(transport: Any) -> bool:
+    """Whether the client has sent bytes the reactor has not read yet (a request that
+    crossed our decision to close an idle connection: closing now would lose it)."""
+    handle = getattr(transport, "getHandle", lambda: None)()
+    if not isinstance(handle, socket.socket):
+        return False
+    try:
+        return bool(handle.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:  # nothing to read (EAGAIN), or the connection is gone already
+        return False

@@ -138,7 +138,8 @@ class DemoShardProcess(Child):
 
 
 class KansasProcess(Child):
-    """``twistd -n kansas`` with private ports."""
+    """``twistd -n kansas`` with private ports: one process (``workers=0``, the
+    default here) or a master with that many workers."""
 
     def __init__(
         self,
@@ -149,21 +150,33 @@ class KansasProcess(Child):
         name: str = "kansas",
         public_port: int | None = None,
         internal_port: int | None = None,
+        workers: int = 0,
     ) -> None:
+        self.workers = workers
         self.public_port = public_port or free_port()
         self.internal_port = internal_port or free_port()
         twistd = str(Path(sys.executable).with_name("twistd"))
         argv = [twistd, "-n", "--pidfile=", "--logfile=-", "kansas"]
         argv += ["--listen", f"tcp:{self.public_port}:interface=127.0.0.1"]
         argv += ["--internal-listen", f"tcp:{self.internal_port}:interface=127.0.0.1"]
-        argv += ["--postgres", postgres, "--redis", redis, *(extra or [])]
-        super().__init__(name, argv, log_dir)
+        argv += ["--postgres", postgres, "--redis", redis, "--workers", str(workers)]
+        super().__init__(name, argv + (extra or []), log_dir)
 
     def start(self) -> KansasProcess:
+        offset = len(self.log_text())
         self.spawn()
+        if self.workers:
+            self.wait_for(r"generation \d+ ready", after=offset)
         self.wait_for_port(self.public_port)
         self.wait_for_port(self.internal_port)
         return self
+
+    def generations(self) -> list[tuple[int, list[int]]]:
+        """Each generation of workers that became ready, with its pids (master mode)."""
+        found = re.findall(
+            r"generation (\d+) ready: \d+ workers \(pids ([\d, ]+)\)", self.log_text()
+        )
+        return [(int(g), [int(p) for p in pids.split(", ")]) for g, pids in found]
 
     def restart(self, sig: int = signal.SIGTERM) -> None:
         self.stop(sig)

@@ -20,6 +20,11 @@ from kansas import lean_reactor
 from kansas.errors import ConfigError, KansasError
 from kansas.follower import AssignmentFollower
 from kansas.health import HealthMonitor
+from kansas.observe.access_log import AccessLog
+from kansas.observe.live import LiveMetrics
+from kansas.observe.recorder import RequestRecorder
+from kansas.observe.trace import RecentRequests
+from kansas.observe.web import SnapshotSource
 from kansas.proxy.backend import BackendPool
 from kansas.proxy.forwarding import EventRouter
 from kansas.proxy.front import CLIENT_PATIENCE_SECONDS, FrontFactory
@@ -83,6 +88,11 @@ class Options(usage.Options):
          "Answer GETs for mapped queues with X-Accel-Redirect to PREFIX + the request "
          "(PREFIX may use {port}, {host}, {shard}; e.g. /internal/tornado/{port}), so "
          "nginx holds the long-poll itself. Off by default."],
+        # -- observability (kansas.observe, docs/observability.md) --
+        ["access-log", None, "off",
+         "One line per request at info level: json, text, or off (default)."],
+        ["trace-queues", None, 10000,
+         "Queues whose last 5 requests are kept for kansas-ctl trace (0: none).", int],
     ]  # fmt: skip
 
     def postOptions(self) -> None:
@@ -100,6 +110,10 @@ class Options(usage.Options):
             _fail("--max-head-bytes must be >= 1024 and --max-body-bytes >= 0")
         if self["max-parked"] < 0:
             _fail("--max-parked must be >= 0")
+        if self["access-log"] not in ("off", "json", "text"):
+            _fail(f"bad --access-log {self['access-log']!r}: json, text or off")
+        if self["trace-queues"] < 0:
+            _fail("--trace-queues must be >= 0")
         if not self["postgres"]:
             _fail("--postgres DSN is required (or set KANSAS_POSTGRES)")
         try:
@@ -208,20 +222,35 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
     health = HealthMonitor(reactor, follower, interval=options["probe-interval"])
     parking = Parking(reactor, health, options["max-parked"], options["release-rate"])
+    # -- observability: begin --------------------------------------------------------------
+    access_log = None if options["access-log"] == "off" else AccessLog(options["access-log"])
+    recent = RecentRequests(options["trace-queues"]) if options["trace-queues"] else None
+    recorder = RequestRecorder(access_log, recent)
+    live = LiveMetrics(recorder, reactor, parking=parking, health=health, directory=follower,
+                       table=table, redis=store.stats)  # fmt: skip
+    # One process: its own snapshot. A master/worker set-up replaces this with a source
+    # that asks every worker for theirs (they are merged before rendering).
+    metrics_source: SnapshotSource = lambda: [live.snapshot()]  # noqa: E731
+    # -- observability: end ----------------------------------------------------------------
     front = FrontFactory(
         router, pool, reactor, health, parking,
         idle_timeout=options["idle-timeout"], park_timeout=options["park-timeout"],
         header_timeout=options["header-timeout"], accel_prefix=options["x-accel-redirect"],
         max_head=options["max-head-bytes"], max_body=options["max-body-bytes"],
         trusted_fronts=frozenset(a for a in options["trust-real-ip-from"].split(",") if a),
+        recorder=recorder,
     )  # fmt: skip
 
     notify = NotifyDispatcher(pool, health)
+    live.front, live.notify = front, notify
     service = KansasService(reactor, table, pool, authority, health, parking, front, follower)
     follower.setServiceParent(service)
     listeners = [
         (options["listen"], front),
-        (options["internal-listen"], internal_site(pool, router, notify)),
+        (
+            options["internal-listen"],
+            internal_site(pool, router, notify, recorder, metrics_source, recent),
+        ),
     ]
     for description, factory in listeners:
         listener = StreamServerEndpointService(serverFromString(reactor, description), factory)

@@ -91,7 +91,7 @@ class Options(usage.Options):
         # -- observability (kansas.observe, docs/observability.md) --
         ["access-log", None, "off",
          "One line per request at info level: json, text, or off (default)."],
-        ["trace-queues", None, 10000,
+        ["trace-queues", None, 2000,
          "Queues whose last 5 requests are kept for kansas-ctl trace (0: none).", int],
     ]  # fmt: skip
 

@@ -15,7 +15,7 @@ from typing import Any
 from kansas.observe.access_log import AccessLog
 from kansas.observe.metrics import LONGPOLL_BUCKETS, SHORT_BUCKETS, Histogram
 from kansas.observe.request_id import RequestIds
-from kansas.observe.trace import RecentRequests
+from kansas.observe.trace import RecentRequests, timings
 
 #: Methods counted by name; anything else is "other" (labels must stay few).
 _METHODS = frozenset({b"GET", b"DELETE", b"POST", b"PUT", b"HEAD", b"OPTIONS", b"PATCH"})
@@ -23,16 +23,7 @@ NO_SHARD = "none"
 
 
 class RequestRecorder:
-    __slots__ = (
-        "access_log",
-        "ids",
-        "invalidated",
-        "longpoll",
-        "recent",
-        "requests",
-        "routed",
-        "short",
-    )
+    __slots__ = ("access_log", "ids", "invalidated", "kinds", "recent")
 
     def __init__(
         self,
@@ -43,12 +34,10 @@ class RequestRecorder:
         self.access_log = access_log
         self.recent = recent
         self.ids = ids or RequestIds()
-        #: (listener, shard, method, kind, status) -> count
-        self.requests: dict[tuple[str, str, bytes, str, int], int] = {}
-        #: (listener, rule) -> count
-        self.routed: dict[tuple[str, str], int] = {}
-        self.short: dict[tuple[str, str], Histogram] = {}
-        self.longpoll: dict[str, Histogram] = {}
+        #: One latency histogram per kind of request, (listener, shard, method, path
+        #: kind, status, rule, long-poll?): one dict lookup per request gives both the
+        #: count (the histogram's) and the latency. ``counters`` sums them up per metric.
+        self.kinds: dict[tuple[str, str, bytes, str, int, str, bool], Histogram] = {}
         #: old shard -> requests answered BAD_EVENT_QUEUE_ID because a move invalidated
         #: their queue
         self.invalidated: dict[str, int] = {}
@@ -74,38 +63,22 @@ class RequestRecorder:
         itself before choosing a shard; ``sent`` is when it went to the shard (0: never)."""
         if method not in _METHODS:
             method = b"other"
-        key = (listener, shard or NO_SHARD, method, kind, status)
-        requests = self.requests
-        requests[key] = requests.get(key, 0) + 1
+        key = (listener, shard, method, kind, status, rule, longpoll)
+        hist = self.kinds.get(key)
+        if hist is None:
+            hist = self.kinds[key] = Histogram(LONGPOLL_BUCKETS if longpoll else SHORT_BUCKETS)
         total = now - arrived
-        if longpoll:
-            hist = self.longpoll.get(shard)
-            if hist is None:
-                hist = self.longpoll[shard] = Histogram(LONGPOLL_BUCKETS)
-        else:
-            hkey = (listener, shard or NO_SHARD)
-            hist = self.short.get(hkey)
-            if hist is None:
-                hist = self.short[hkey] = Histogram(SHORT_BUCKETS)
         hist.counts[bisect_left(hist.bounds, total)] += 1  # Histogram.observe, inlined
         hist.sum += total
-        if rule:
-            rkey = (listener, rule)
-            self.routed[rkey] = self.routed.get(rkey, 0) + 1
-        if self.recent is None and self.access_log is None:
-            return
-        route_ms = round((sent - arrived) * 1000, 3) if sent else None
-        backend_ms = round((now - sent) * 1000, 3) if sent else None
-        total_ms = round(total * 1000, 3)
-        rid = request_id.decode("ascii", "replace")
         if self.recent is not None and queue_id:
-            self.recent.add(queue_id, (now, rid, listener, method.decode(), status, shard, rule,
-                                       realm, route_ms, backend_ms, total_ms))  # fmt: skip
+            # Raw values: turned into milliseconds and text only when asked for.
+            self.recent.add(queue_id, (request_id, listener, method, status, shard, rule, realm,
+                                       arrived, sent, now))  # fmt: skip
         if self.access_log is not None:
             self.access_log.emit(
                 {
                     "ts": now,
-                    "id": rid,
+                    "id": request_id.decode("ascii", "replace"),
                     "listener": listener,
                     "method": method.decode(),
                     "kind": kind,
@@ -113,11 +86,9 @@ class RequestRecorder:
                     "queue": queue_id or None,
                     "realm": realm or None,
                     "shard": shard or None,
-                    "rule": rule or None,
+                    "rule": str(rule) or None,
                     "status": status,
-                    "route_ms": route_ms,
-                    "backend_ms": backend_ms,
-                    "total_ms": total_ms,
+                    **timings(arrived, sent, now),
                     "bytes": size,
                 }
             )
@@ -127,17 +98,30 @@ class RequestRecorder:
 
     def counters(self) -> dict[str, Any]:
         """The request metrics in snapshot form (see ``kansas.observe.metrics``)."""
+        requests: dict[tuple[str, ...], int] = {}
+        routed: dict[tuple[str, ...], int] = {}
+        short: dict[tuple[str, ...], Histogram] = {}
+        longpolls: dict[tuple[str, ...], Histogram] = {}
+        for (listener, shard, method, kind, status, rule, longpoll), hist in self.kinds.items():
+            n = sum(hist.counts)
+            shard = shard or NO_SHARD
+            key = (listener, shard, method.decode("ascii", "replace"), kind, str(status))
+            requests[key] = requests.get(key, 0) + n
+            if rule:
+                rkey = (listener, str(rule))
+                routed[rkey] = routed.get(rkey, 0) + n
+            into, hkey = (longpolls, (shard,)) if longpoll else (short, (listener, shard))
+            found = into.get(hkey)
+            if found is None:
+                found = into[hkey] = Histogram(hist.bounds)
+            found.counts = [a + b for a, b in zip(found.counts, hist.counts, strict=True)]
+            found.sum += hist.sum
         return {
-            "kansas_requests_total": [
-                [[listener, shard, method.decode("ascii", "replace"), kind, str(status)], n]
-                for (listener, shard, method, kind, status), n in self.requests.items()
-            ],
-            "kansas_routed_total": [[list(key), n] for key, n in self.routed.items()],
-            "kansas_request_duration_seconds": [
-                [list(key), hist.value()] for key, hist in self.short.items()
-            ],
+            "kansas_requests_total": [[list(k), n] for k, n in requests.items()],
+            "kansas_routed_total": [[list(k), n] for k, n in routed.items()],
+            "kansas_request_duration_seconds": [[list(k), h.value()] for k, h in short.items()],
             "kansas_longpoll_duration_seconds": [
-                [[shard], hist.value()] for shard, hist in self.longpoll.items()
+                [list(k), h.value()] for k, h in longpolls.items()
             ],
             "kansas_invalidated_answers_total": [
                 [[shard], n] for shard, n in self.invalidated.items()

@@ -2,25 +2,35 @@
 
 Bounded twice: at most ``max_queues`` queues (the queue first seen longest ago goes
 first) and ``depth`` requests per queue (the oldest goes first). A record is a small
-tuple (see ``FIELDS``); with the defaults (10,000 queues, 5 requests) it is a few MB
-at most. Each process keeps its own: with several workers, each knows the requests it
-served.
+tuple of ten values: about 1.4 KB per queue with 5 records (measured), so 2.9 MB with
+the defaults (2,000 queues). Each process keeps its own: with several workers, each
+knows the requests it served.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-#: What a record holds, in order (tuples are the cheapest thing to keep per request).
-FIELDS = ("ts", "id", "listener", "method", "status", "shard", "rule", "realm",
-          "route_ms", "backend_ms", "total_ms")  # fmt: skip
+#: A record: (request id, listener, method, status, shard, rule, realm, arrived, sent,
+#: answered), raw (bytes, floats), since a tuple of what is at hand is the cheapest
+#: thing to keep per request; ``get`` makes them readable.
 Record = tuple[Any, ...]
+
+
+def timings(arrived: float, sent: float, now: float) -> dict[str, float | None]:
+    """Routing (arrival until sent to the shard, parking included), backend (sent until
+    answered) and total time, in milliseconds; no routing/backend time if never sent."""
+    return {
+        "route_ms": round((sent - arrived) * 1000, 3) if sent else None,
+        "backend_ms": round((now - sent) * 1000, 3) if sent else None,
+        "total_ms": round((now - arrived) * 1000, 3),
+    }
 
 
 class RecentRequests:
     __slots__ = ("_queues", "depth", "max_queues")
 
-    def __init__(self, max_queues: int = 10_000, depth: int = 5) -> None:
+    def __init__(self, max_queues: int = 2_000, depth: int = 5) -> None:
         self.max_queues = max_queues
         self.depth = depth
         self._queues: dict[str, list[Record]] = {}
@@ -41,7 +51,31 @@ class RecentRequests:
 
     def get(self, queue_id: str) -> list[dict[str, Any]]:
         """A queue's recent requests, oldest first, as dicts."""
-        return [dict(zip(FIELDS, r, strict=True)) for r in self._queues.get(queue_id, ())]
+        found = []
+        for (
+            rid,
+            listener,
+            method,
+            status,
+            shard,
+            rule,
+            realm,
+            arrived,
+            sent,
+            now,
+        ) in self._queues.get(queue_id, ()):
+            found.append({
+                "ts": now,
+                "id": rid.decode("ascii", "replace"),
+                "listener": listener,
+                "method": method.decode("ascii", "replace"),
+                "status": status,
+                "shard": shard or None,
+                "rule": str(rule) or None,
+                "realm": realm or None,
+                **timings(arrived, sent, now),
+            })  # fmt: skip
+        return found
 
     def __len__(self) -> int:
         return len(self._queues)

@@ -54,13 +54,13 @@ class RequestRecorder:
         realm: str,
         request_id: bytes,
         arrived: float,
-        sent: float,
+        sent: float | None,
         now: float,
         size: int,
         longpoll: bool,
     ) -> None:
         """One request answered. ``shard``/``rule`` are empty if kansas answered it
-        itself before choosing a shard; ``sent`` is when it went to the shard (0: never)."""
+        itself before choosing a shard; ``sent`` is when it went to the shard (None: never)."""
         if method not in _METHODS:
             method = b"other"
         key = (listener, shard, method, kind, status, rule, longpoll)

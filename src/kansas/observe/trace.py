@@ -17,12 +17,12 @@ from typing import Any
 Record = tuple[Any, ...]
 
 
-def timings(arrived: float, sent: float, now: float) -> dict[str, float | None]:
+def timings(arrived: float, sent: float | None, now: float) -> dict[str, float | None]:
     """Routing (arrival until sent to the shard, parking included), backend (sent until
     answered) and total time, in milliseconds; no routing/backend time if never sent."""
     return {
-        "route_ms": round((sent - arrived) * 1000, 3) if sent else None,
-        "backend_ms": round((now - sent) * 1000, 3) if sent else None,
+        "route_ms": None if sent is None else round((sent - arrived) * 1000, 3),
+        "backend_ms": None if sent is None else round((now - sent) * 1000, 3),
         "total_ms": round((now - arrived) * 1000, 3),
     }
 

@@ -37,7 +37,7 @@ class ObservedRequest(Request):
 
     kansas_id = b""
     kansas_arrived = 0.0
-    kansas_sent = 0.0  # when it went to a shard (0: never)
+    kansas_sent: float | None = None  # when it went to a shard
     kansas_shard = ""  # "" until chosen; "all" for a broadcast
     kansas_rule = ""
     kansas_queue = ""  # the queue asked for, or the new queue's id once created

@@ -141,15 +141,15 @@ class FrontProtocol(Protocol):
         self.head_since = 0.0
         self.linger: Any = None  # (timer, bytes still allowed) while closing gracefully
         self.parked: Parked | None = None  # waiting for a shard to come back
-        self.arrived = 0.0  # 0: no request in progress, or it is recorded already
+        self.arrived = 0.0
         # -- what the access log and the metrics need (kansas.observe) --
         self.method = b""
         self.kind = "other"  # "events", "internal" or "other"
         self.longpoll = False  # a blocking GET
-        self.rid = b""  # the request id
+        self.rid = b""  # the request id; b"": no request, or it is recorded already
         self.status = 0
         self.sent = 0  # bytes to the client
-        self.sent_at = 0.0  # when the request went to its shard (0: never)
+        self.sent_at: float | None = None  # when the request went to its shard
 
     # -- connection ----------------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -161,7 +161,7 @@ class FrontProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.gone = True
-        if self.busy and self.arrived:
+        if self.busy and self.rid:
             self.status = 499  # the client left before its answer was complete (as nginx logs)
             self._record(self.proxy.clock.seconds())
         if self.linger is not None and self.linger[0].active():
@@ -224,7 +224,7 @@ class FrontProtocol(Protocol):
 
     def _done(self, keep_alive: bool) -> None:
         now = self.proxy.clock.seconds()
-        if self.arrived:
+        if self.rid:
             self._record(now)
         self.busy = False
         self.exchange = None
@@ -257,13 +257,13 @@ class FrontProtocol(Protocol):
         self.kind = "other"
         self.longpoll = False
         self.status = self.sent = 0
-        self.sent_at = 0.0
+        self.sent_at = None
 
     def _record(self, now: float) -> None:
         pending = self.pending
         if pending is None:
             self.proxy.recorder.finished("public", self.method, self.kind, self.status, "", "",
-                                         "", "", self.rid, self.arrived, 0.0, now, self.sent,
+                                         "", "", self.rid, self.arrived, None, now, self.sent,
                                          False)  # fmt: skip
         else:
             target = pending.target
@@ -271,7 +271,7 @@ class FrontProtocol(Protocol):
                                          target.shard.name, target.reason, pending.queue_id,
                                          pending.realm, self.rid, self.arrived, self.sent_at, now,
                                          self.sent, self.longpoll)  # fmt: skip
-        self.arrived = 0.0
+        self.rid = b""
 
     def _dispatch(self, request: Request) -> None:
         self._start(request.method, request.header(REQUEST_ID_LOWER))

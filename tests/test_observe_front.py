@@ -27,6 +27,7 @@ Q2 = "5b0c6c58-1f8c-4c57-9a4a-000000000002"
 def h() -> Harness:
     harness = Harness()
     harness.front.recorder = RequestRecorder(None, RecentRequests(), RequestIds(b"test"))
+    harness.front.ids = harness.front.recorder.ids
     return harness
 
 

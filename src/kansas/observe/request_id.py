@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+from collections.abc import Callable
 
 HEADER = b"X-Request-Id"
 LOWER = b"x-request-id"
@@ -21,14 +22,16 @@ _SANE = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._:+=/@-]{0,127}")
 
 
 class RequestIds:
-    __slots__ = ("_counter", "_prefix")
+    __slots__ = ("new",)
 
     def __init__(self, prefix: bytes | None = None) -> None:
-        self._prefix = (prefix if prefix is not None else os.urandom(6).hex().encode()) + b"-"
-        self._counter = itertools.count(1)
-
-    def new(self) -> bytes:
-        return b"%s%x" % (self._prefix, next(self._counter))
+        if prefix is None:
+            prefix = os.urandom(6).hex().encode()
+        if b"%" in prefix:
+            raise ValueError("a request id prefix cannot contain '%'")
+        #: A new id: ``next`` on a ``map`` of ``bytes.__mod__`` over a counter, so making
+        #: one runs no Python code at all (it is made for every request).
+        self.new: Callable[[], bytes] = map((prefix + b"-%x").__mod__, itertools.count(1)).__next__
 
     def choose(self, incoming: bytes | None, trusted: bool) -> bytes:
         """The caller's id if it may give one and it is sane, else a new one."""

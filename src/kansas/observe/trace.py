@@ -28,15 +28,16 @@ def timings(arrived: float, sent: float | None, now: float) -> dict[str, float |
 
 
 class RecentRequests:
-    __slots__ = ("_queues", "depth", "max_queues")
+    __slots__ = ("depth", "max_queues", "queues")
 
     def __init__(self, max_queues: int = 2_000, depth: int = 5) -> None:
         self.max_queues = max_queues
         self.depth = depth
-        self._queues: dict[str, list[Record]] = {}
+        #: queue id -> its records, oldest first (the recorder appends to them directly)
+        self.queues: dict[str, list[Record]] = {}
 
     def add(self, queue_id: str, record: Record) -> None:
-        queues = self._queues
+        queues = self.queues
         records = queues.get(queue_id)
         if records is None:
             if self.max_queues <= 0:
@@ -63,7 +64,7 @@ class RecentRequests:
             arrived,
             sent,
             now,
-        ) in self._queues.get(queue_id, ()):
+        ) in self.queues.get(queue_id, ()):
             found.append({
                 "ts": now,
                 "id": rid.decode("ascii", "replace"),
@@ -78,4 +79,4 @@ class RecentRequests:
         return found
 
     def __len__(self) -> int:
-        return len(self._queues)
+        return len(self.queues)

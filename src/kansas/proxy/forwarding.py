@@ -33,6 +33,8 @@ _REPLACED_UPSTREAM = HOP_BY_HOP | {
     b"expect",  # kansas has the whole body before it forwards
     b"x-request-id",  # kansas's own (a trusted caller's, else a new one)
 }
+#: Headers of a shard's answer that are not relayed: the client gets kansas's request id.
+_DROPPED_DOWNSTREAM = HOP_BY_HOP | {b"x-request-id"}
 
 
 class Directory(TypingProtocol):
@@ -199,9 +201,10 @@ def _is_ip(value: bytes) -> bool:
 
 
 def downstream_headers(headers: list[Header]) -> list[Header]:
-    """A shard's response headers minus the hop-by-hop ones (and those it lists)."""
+    """A shard's response headers minus the hop-by-hop ones (and those it lists), and
+    minus its ``X-Request-Id`` (the caller gets kansas's)."""
     listed: set[bytes] = set()
     for lname, _name, value in headers:
         if lname == b"connection":
             listed = {t.strip().lower() for t in value.split(b",")}
-    return [h for h in headers if h[0] not in HOP_BY_HOP and h[0] not in listed]
+    return [h for h in headers if h[0] not in _DROPPED_DOWNSTREAM and h[0] not in listed]

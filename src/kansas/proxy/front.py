@@ -200,6 +200,7 @@ class FrontProtocol(Protocol):
                     request = self.parser.next_request()
                 except HttpError as e:
                     self._start(b"")
+                    self.kind = "other"
                     self._reply(error_response(e.status, e.message, keep_alive=False), False)
                     return
                 if request is None:
@@ -224,8 +225,9 @@ class FrontProtocol(Protocol):
 
     def _done(self, keep_alive: bool) -> None:
         now = self.proxy.clock.seconds()
-        if self.rid:
-            self._record(now)
+        if self.rid:  # not recorded yet (``_record``, inlined: this is every request)
+            self.proxy.recorder.public(self, now)
+            self.rid = b""
         self.busy = False
         self.exchange = None
         self.pending = None
@@ -250,31 +252,23 @@ class FrontProtocol(Protocol):
 
     # -- requests ------------------------------------------------------------------------
     def _start(self, method: bytes, incoming_id: bytes | None = None) -> None:
-        """A request begins: its id, and a clean slate for what is recorded of it."""
+        """A request begins: its id, and a clean slate for what is recorded of it
+        (``kind`` is set by ``_dispatch``, ``status`` before any answer, ``longpoll``
+        before a shard is chosen)."""
         self.arrived = self.proxy.clock.seconds()
         self.method = method
-        self.rid = self.proxy.recorder.ids.choose(incoming_id, self.trusted)
-        self.kind = "other"
-        self.longpoll = False
-        self.status = self.sent = 0
+        ids = self.proxy.ids
+        self.rid = ids.new() if incoming_id is None else ids.choose(incoming_id, self.trusted)
+        self.sent = 0
         self.sent_at = None
 
     def _record(self, now: float) -> None:
-        pending = self.pending
-        if pending is None:
-            self.proxy.recorder.finished("public", self.method, self.kind, self.status, "", "",
-                                         "", "", self.rid, self.arrived, None, now, self.sent,
-                                         False)  # fmt: skip
-        else:
-            target = pending.target
-            self.proxy.recorder.finished("public", pending.method, self.kind, self.status,
-                                         target.shard.name, target.reason, pending.queue_id,
-                                         pending.realm, self.rid, self.arrived, self.sent_at, now,
-                                         self.sent, self.longpoll)  # fmt: skip
+        self.proxy.recorder.public(self, now)
         self.rid = b""
 
     def _dispatch(self, request: Request) -> None:
-        self._start(request.method, request.header(REQUEST_ID_LOWER))
+        # Only a trusted front may name the request: nobody else's id is even looked at.
+        self._start(request.method, request.header(REQUEST_ID_LOWER) if self.trusted else None)
         path, _, query = request.target.partition(b"?")
         ka = self.keep_alive
         if path in EVENT_PATHS:
@@ -290,6 +284,7 @@ class FrontProtocol(Protocol):
             self.kind = "internal"
             self._reply(error_response(403, "Access denied", "UNAUTHORIZED", ka), ka)
         else:
+            self.kind = "other"
             self._reply(error_response(404, "Not Found", "NOT_FOUND", ka), ka)
 
     def _events(self, request: Request, query: bytes) -> None:
@@ -314,7 +309,7 @@ class FrontProtocol(Protocol):
         if not valid_realm(realm):
             self._reply(error_response(400, "Missing or invalid Host header", keep_alive=ka), ka)
             return
-        self.longpoll = request.method == b"GET" and params.get(b"dont_block") != b"true"
+        self.longpoll = request.method == b"GET" and b"dont_block=true" not in query
         try:
             target = self.proxy.router.route(queue_id, realm)
         except NoShard:
@@ -493,8 +488,6 @@ class FrontProtocol(Protocol):
         for lname, name, value in downstream_headers(headers):
             if lname == b"content-length":
                 framing = _LENGTH
-            elif lname == REQUEST_ID_LOWER:
-                continue  # the client gets kansas's id, the one the shard was given
             out += (name, b": ", value, b"\r\n")
         if framing != _LENGTH:
             if http11:
@@ -624,6 +617,7 @@ class FrontFactory(Factory):
         self.idle_timeout = idle_timeout
         #: counts, latencies, access log and trace records of every request
         self.recorder = recorder or RequestRecorder()
+        self.ids = self.recorder.ids
         self.connections: set[FrontProtocol] = set()
         self._reaper = LoopingCall(self.reap)
         self._reaper.clock = clock

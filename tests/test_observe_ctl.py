@@ -7,8 +7,10 @@ import io
 import pytest
 
 from kansas.ctl import main
-from kansas.tap import Options
 from kansas.testing.servers import free_port
+
+#: kansas.tap imports twisted.web.proxy, whose import warns (deprecated HTTPClient).
+_TAP_IMPORT = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 def run(*argv: str) -> tuple[int, str]:
@@ -45,7 +47,10 @@ def test_status_and_trace_failures_are_one_line(
         (["--trace-queues", "-1"], "--trace-queues must be >= 0"),
     ],
 )
+@_TAP_IMPORT
 def test_bad_observability_options_stop_twistd_with_one_line(argv: list[str], message: str) -> None:
+    from kansas.tap import Options
+
     with pytest.raises(SystemExit) as stopped:
         Options().parseOptions(["--postgres", "dbname=kansas", *argv])
     assert str(stopped.value) == f"twistd kansas: {message}" + (
@@ -53,7 +58,10 @@ def test_bad_observability_options_stop_twistd_with_one_line(argv: list[str], me
     )
 
 
+@_TAP_IMPORT
 def test_observability_defaults() -> None:
+    from kansas.tap import Options
+
     options = Options()
     options.parseOptions(["--postgres", "dbname=kansas"])
     assert options["access-log"] == "off" and options["trace-queues"] == 2000

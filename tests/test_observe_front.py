@@ -165,7 +165,14 @@ def test_an_invalidated_queue_is_counted_by_its_old_shard(h: Harness) -> None:
     client, ct = h.client()
     client.dataReceived(get())
     assert status_and_json(ct.value())[1]["code"] == "BAD_EVENT_QUEUE_ID"
-    assert metrics(h)["kansas_invalidated_answers_total"] == {("a",): 1}
+    got = metrics(h)
+    assert got["kansas_invalidated_answers_total"] == {("a",): 1}
+    assert got["kansas_requests_total"] == {("public", "a", "GET", "events", "400"): 1}
+    assert "kansas_routed_total" not in got or not got["kansas_routed_total"]  # not sent
+    recent = h.front.recorder.recent
+    assert recent is not None
+    [record] = recent.get(Q1)
+    assert (record["shard"], record["rule"], record["status"]) == ("a", "invalidated", 400)
     _conn, st = h.shard_connection(9800)  # kansas's own DELETE, with the request's id
     assert st.value().startswith(b"DELETE ") and header(st.value(), b"X-Request-Id") == [b"test-1"]
 

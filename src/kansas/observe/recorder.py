@@ -20,6 +20,9 @@ from kansas.observe.trace import RecentRequests, timings
 #: Methods counted by name; anything else is "other" (labels must stay few).
 _METHODS = frozenset({b"GET", b"DELETE", b"POST", b"PUT", b"HEAD", b"OPTIONS", b"PATCH"})
 NO_SHARD = "none"
+#: The "rule" of a request on a queue a move invalidated: kansas answered it
+#: BAD_EVENT_QUEUE_ID itself (``shard`` is the queue's old one).
+INVALIDATED = "invalidated"
 
 
 class RequestRecorder:
@@ -100,8 +103,11 @@ class RequestRecorder:
         call are a good part of what recording costs."""
         pending = conn.pending
         if pending is None:  # kansas answered before choosing a shard
-            self.finished("public", conn.method, conn.kind, conn.status, "", "", "", "",
-                          conn.rid, conn.arrived, None, now, conn.sent, False)  # fmt: skip
+            queue_id = realm = shard = rule = ""
+            if conn.note is not None:  # an invalidated queue
+                (queue_id, realm, shard, rule), conn.note = conn.note, None
+            self.finished("public", conn.method, conn.kind, conn.status, shard, rule, queue_id,
+                          realm, conn.rid, conn.arrived, None, now, conn.sent, False)  # fmt: skip
             return
         target = pending.target
         if self.access_log is not None:
@@ -149,7 +155,7 @@ class RequestRecorder:
             shard = shard or NO_SHARD
             key = (listener, shard, method.decode("ascii", "replace"), kind, str(status))
             requests[key] = requests.get(key, 0) + n
-            if rule:
+            if rule and rule != INVALIDATED:  # answered by kansas, not sent
                 rkey = (listener, str(rule))
                 routed[rkey] = routed.get(rkey, 0) + n
             into, hkey = (longpolls, (shard,)) if longpoll else (short, (listener, shard))

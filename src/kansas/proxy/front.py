@@ -29,7 +29,7 @@ from kansas.http.wire import (
     RequestParser,
     is_json,
 )
-from kansas.observe.recorder import RequestRecorder
+from kansas.observe.recorder import INVALIDATED, RequestRecorder
 from kansas.observe.request_id import HEADER as REQUEST_ID_HEADER
 from kansas.observe.request_id import LOWER as REQUEST_ID_LOWER
 from kansas.proxy.backend import BackendPool, Exchange, Failed
@@ -112,6 +112,7 @@ class FrontProtocol(Protocol):
         "linger",
         "longpoll",
         "method",
+        "note",
         "parked",
         "parser",
         "peer",
@@ -141,6 +142,9 @@ class FrontProtocol(Protocol):
         self.head_since = 0.0
         self.linger: Any = None  # (timer, bytes still allowed) while closing gracefully
         self.parked: Parked | None = None  # waiting for a shard to come back
+        #: (queue, realm, shard, rule) of an answer kansas made itself about a queue
+        #: (rare: set there, used and cleared when the request is recorded)
+        self.note: tuple[str, str, str, str] | None = None
         self.arrived = 0.0
         # -- what the access log and the metrics need (kansas.observe) --
         self.method = b""
@@ -337,6 +341,7 @@ class FrontProtocol(Protocol):
         re-registers, on its new shard), and a DELETE of the queue on its old shard,
         with the client's own credentials (Tornado authenticates queue deletion)."""
         self.proxy.recorder.invalidated_answer(e.route.shard)
+        self.note = (e.route.queue_id, e.route.realm, e.route.shard, INVALIDATED)
         rid = self.rid
         self._reply(bad_queue_response(e.route.queue_id, self.keep_alive), self.keep_alive)
         if e.shard is not None:

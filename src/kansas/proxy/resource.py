@@ -170,9 +170,8 @@ class ShardProxyResource(ReverseProxyResource):
 
         def write(_: object) -> None:
             request.setResponseCode(reply.status)
-            for lname, name, value in downstream_headers(reply.headers):
-                if lname != REQUEST_ID_LOWER:  # the caller keeps kansas's id
-                    request.responseHeaders.addRawHeader(name, value)
+            for _lname, name, value in downstream_headers(reply.headers):
+                request.responseHeaders.addRawHeader(name, value)
             _finish(request, reply.body)
 
         return held.addCallback(write)
@@ -400,9 +399,8 @@ class InternalRoot(Resource):
 
     def _finished(self, result: object, seen: ObservedRequest) -> None:
         status = 499 if isinstance(result, Failure) else seen.code  # 499: the caller left
-        path = seen.path
-        kind = "internal" if path.startswith((b"/api/internal/", b"/api/v1/events/internal")) else (
-            "other")  # fmt: skip
+        internal = seen.path.startswith((b"/api/internal/", b"/api/v1/events/internal"))
+        kind = "internal" if internal else "other"
         self.recorder.finished("internal", seen.method, kind, status, seen.kansas_shard,
                                seen.kansas_rule, seen.kansas_queue,
                                realm_from_host(seen.getHeader(b"host")), seen.kansas_id,

@@ -137,6 +137,18 @@ def test_ten_reloads_under_load_drop_nothing(rig: Rig) -> None:
     assert len(pids_alive(generations[-1][1])) == 2
 
 
+@pytest.mark.timeout(120)
+def test_metrics_scraped_from_one_worker_cover_every_worker(rig: Rig) -> None:
+    for _ in range(20):  # spread over both workers by the shared accept queue
+        call(rig.kansas.public_port, "GET", "/json/events", host="one.example.com",
+             params={"queue_id": "not-a-queue", "last_event_id": -1})  # fmt: skip
+    scraped = call(rig.kansas.internal_port, "GET", "/metrics").body.decode()
+    assert "kansas_workers 2.0" in scraped, scraped[:2000]
+    pids = {pid for _, pids in rig.kansas.generations() for pid in pids}
+    for pid in pids:
+        assert f'worker="{pid}"' in scraped
+
+
 @pytest.mark.timeout(240)
 def test_a_killed_worker_is_respawned_and_new_connections_never_fail(rig: Rig) -> None:
     load, report_path = rig.load(clients=300, duration=240)

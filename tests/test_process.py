@@ -472,3 +472,37 @@ def test_a_retiring_front_closes_idle_connections_and_answers_the_rest_with_clos
     fresh.dataReceived(get())  # served once, then closed
     conn.dataReceived(ok_reply())
     assert b"Connection: close\r\n" in fresh_t.value() and fresh_t.disconnecting
+
+
+def test_a_scrape_reaching_one_worker_gathers_every_workers_metrics(rig: MasterRig) -> None:
+    for n in (0, 1):
+        rig.say(n, {"op": "ready", "redis": True})
+    rig.say(1, {"op": "collect", "id": 7})
+    asked = rig.sent_to(0)[-1]
+    assert asked["op"] == "snapshot" and rig.sent_to(1)[-1] == asked
+    rig.say(0, {"op": "snapshot", "id": asked["id"], "snapshot": {"worker": "a"}})
+    assert rig.sent_to(1)[-1] == asked  # still waiting for worker 1's own
+    rig.say(1, {"op": "snapshot", "id": asked["id"], "snapshot": {"worker": "b"}})
+    assert rig.sent_to(1)[-1] == {
+        "op": "collected", "id": 7, "snapshots": [{"worker": "a"}, {"worker": "b"}]
+    }  # fmt: skip
+
+    # A worker that does not answer in time is left out.
+    rig.say(0, {"op": "collect", "id": 8})
+    asked = rig.sent_to(0)[-1]
+    rig.say(0, {"op": "snapshot", "id": asked["id"], "snapshot": {"worker": "a"}})
+    rig.reactor.advance(master.COLLECT_SECONDS)
+    assert rig.sent_to(0)[-1] == {"op": "collected", "id": 8, "snapshots": [{"worker": "a"}]}
+
+
+def test_a_workers_access_log_line_still_parses_in_the_masters_log() -> None:
+    from twisted.logger import LogLevel
+
+    from kansas.observe.access_log import parse_line
+
+    event = {"log_namespace": "kansas.access", "log_level": LogLevel.info,
+             "log_format": "{line}", "line": '{"id":"x-1","status":200}'}  # fmt: skip
+    relayed = worker.log_line(event).rstrip("\n")
+    assert relayed == '[kansas.access#info] {"id":"x-1","status":200}'
+    in_master = "2026-11-25T10:00:00+0000 [kansas.process.master#info] [worker 1.0 (pid 7)] "
+    assert parse_line(in_master + relayed) == {"id": "x-1", "status": 200}

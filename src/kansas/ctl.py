@@ -10,6 +10,7 @@ import argparse
 import os
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -24,7 +25,9 @@ from kansas.moves import (
     move_realm,
 )
 from kansas.moves import move_user as move_user_queues
-from kansas.router import place_queue
+from kansas.observe import client as observe_client
+from kansas.proxy.forwarding import QUEUE_ID
+from kansas.router import place_queue, realm_home
 from kansas.schema import SCHEMA_VERSION
 from kansas.stores.interface import IAuthority
 from kansas.stores.postgres import PostgresAuthority
@@ -89,6 +92,16 @@ def _reload_options(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_SETTLE_SECONDS,
         help="seconds every kansas is given to apply the change before the first "
         "invalidation [default %(default)s]",
+    )
+
+
+def _internal_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--internal",
+        default=os.environ.get("KANSAS_INTERNAL"),
+        metavar="URL",
+        help="a running kansas's internal listener, e.g. http://127.0.0.1:9798 "
+        "[env KANSAS_INTERNAL]",
     )
 
 
@@ -219,9 +232,17 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     move.add_argument("--reload", dest="reload", action="store_true", help=argparse.SUPPRESS)
 
-    commands.add_parser(
-        "status", help="shards, weights, live queues per shard (Redis), moves in progress"
+    status = commands.add_parser(
+        "status",
+        help="shards, weights, live queues per shard (Redis), moves in progress; with "
+        "--internal, what a running kansas sees (health, long-polls, parked requests)",
     )
+    _internal_option(status)
+    trace = commands.add_parser(
+        "trace", help="where a queue is, why, and its recent requests (with --internal)"
+    )
+    trace.add_argument("queue_id")
+    _internal_option(trace)
 
     where = commands.add_parser("where", help="which shard a new queue would go to, and why")
     where.add_argument("realm")
@@ -296,7 +317,9 @@ def _run(args: argparse.Namespace, out: Any) -> None:
         elif args.command == "user":
             _move(authority, args, out)
         elif args.command == "status":
-            _status(authority, args.redis, out)
+            _status(authority, args.redis, out, args.internal)
+        elif args.command == "trace":
+            _trace(authority, args, out)
         elif args.command == "where":
             decision = place_queue(authority.load(), args.realm.lower(), args.user_id)
             if decision is None:
@@ -415,7 +438,8 @@ def _remove_shard(authority: IAuthority, args: argparse.Namespace, out: Any) -> 
     print(f"removed shard {args.name}", file=out)
 
 
-def _status(authority: IAuthority, redis_url: str, out: Any) -> None:
+def _status(authority: IAuthority, redis_url: str, out: Any, internal: str | None = None) -> None:
+    seen = observe_client.metrics(internal) if internal else None  # first: fail fast
     routes = _read_queues(redis_url, None)
     live: dict[str, int] = {}
     invalid: dict[str, int] = {}
@@ -426,16 +450,29 @@ def _status(authority: IAuthority, redis_url: str, out: Any) -> None:
     pins: dict[str, int] = {}
     for name in assignment.realm_pins.values():
         pins[name] = pins.get(name, 0) + 1
-    header = ("SHARD", "URL", "WEIGHT", "STATE", "PINNED REALMS", "LIVE QUEUES", "INVALIDATED")
+    header: tuple[str, ...] = ("SHARD", "URL", "WEIGHT", "STATE", "PINNED REALMS",
+                               "LIVE QUEUES", "INVALIDATED")  # fmt: skip
+    if seen is not None:
+        header += ("HEALTH", "LONG-POLLS", "PARKED")
+        up = observe_client.by_label(seen, "kansas_shard_up", "shard")
+        held = observe_client.by_label(seen, "kansas_longpolls_held", "shard")
+        parked = observe_client.by_label(seen, "kansas_parked_requests", "shard")
     rows: list[tuple[str, ...]] = [header]
     drained = authority.drained_shards()
     for shard in authority.list_shards():
         state = "active" if shard.weight > 0 else "weight 0"
         if shard.name in drained:
             state = f"drained (was {drained[shard.name]})"
-        rows.append((shard.name, shard.url, str(shard.weight), state, str(pins.get(shard.name, 0)),
-                     str(live.get(shard.name, 0)), str(invalid.get(shard.name, 0))))  # fmt: skip
+        row: tuple[str, ...] = (shard.name, shard.url, str(shard.weight), state,
+                                str(pins.get(shard.name, 0)), str(live.get(shard.name, 0)),
+                                str(invalid.get(shard.name, 0)))  # fmt: skip
+        if seen is not None:
+            health = {1.0: "up", 0.0: "DOWN"}.get(up.get(shard.name, -1.0), "unknown")
+            row += (health, f"{held.get(shard.name, 0):.0f}", f"{parked.get(shard.name, 0):.0f}")
+        rows.append(row)
     _table(rows, out)
+    if seen is not None:
+        _print_seen(seen, internal or "", out)
     moves = authority.list_moves(running_only=True)
     if not moves:
         print("no move in progress", file=out)
@@ -445,6 +482,119 @@ def _status(authority: IAuthority, redis_url: str, out: Any) -> None:
     rows += [(str(m.id), m.realm, "-" if m.user_id is None else str(m.user_id), m.to_shard,
               f"{m.reload_rate:g}", str(m.invalidated), "") for m in moves]  # fmt: skip
     _table(rows, out)
+
+
+def _print_seen(seen: observe_client.Samples, internal: str, out: Any) -> None:
+    """A few lines on what the running kansas sees (its /metrics)."""
+    total = observe_client.total
+    hits, misses = (
+        total(seen, "kansas_route_cache_hits_total"),
+        total(seen, "kansas_route_cache_misses_total"),
+    )
+    ratio = f"{hits / (hits + misses):.1%}" if hits + misses else "-"
+    moving = sorted(observe_client.by_label(seen, "kansas_realm_moving", "realm"))
+    errors = observe_client.by_label(seen, "kansas_redis_errors_total", "op")
+    pg_errors = observe_client.by_label(seen, "kansas_postgres_errors_total", "what")
+    lines = [
+        f"kansas at {internal} ({total(seen, 'kansas_workers'):.0f} process(es)): "
+        f"{total(seen, 'kansas_requests_total'):.0f} requests answered, "
+        f"{total(seen, 'kansas_client_connections'):.0f} client connections, "
+        f"route cache {ratio} hits ({total(seen, 'kansas_route_cache_entries'):.0f} routes)",
+        f"  assignment loaded {total(seen, 'kansas_assignment_age_seconds'):.0f} s ago, "
+        f"LISTEN {'up' if total(seen, 'kansas_postgres_listening') else 'DOWN'}; "
+        f"PostgreSQL errors: {_counts(pg_errors)}; Redis errors: {_counts(errors)}; "
+        f"mappings waiting for Redis: {total(seen, 'kansas_route_journal_entries'):.0f}",
+        f"  realms it sees moving: {' '.join(moving) if moving else 'none'}; requests "
+        f"answered BAD_EVENT_QUEUE_ID after a move: "
+        f"{total(seen, 'kansas_invalidated_answers_total'):.0f}",
+    ]
+    for line in lines:
+        print(line, file=out)
+
+
+def _counts(counts: dict[str, float]) -> str:
+    found = [f"{name} {n:.0f}" for name, n in sorted(counts.items()) if n]
+    return ", ".join(found) if found else "none"
+
+
+def _trace(authority: IAuthority, args: argparse.Namespace, out: Any) -> None:
+    """``kansas-ctl trace QUEUE_ID``: where the queue is (Redis), why (the rules now),
+    and what a running kansas knows of its last requests (``--internal``)."""
+    queue_id = args.queue_id
+    if QUEUE_ID.fullmatch(queue_id) is None:
+        raise KansasError(f"{queue_id!r} cannot be a queue id")
+    seen = observe_client.trace(args.internal, queue_id) if args.internal else None
+    found: list[QueueRoute | None] = []
+
+    async def work(store: Any, reactor: Any) -> None:
+        found.append(await store.get(queue_id))
+
+    _with_redis(args.redis, "read the queue from Redis", work)
+    route = found[0]
+    assignment = authority.load()
+    realm = route.realm if route is not None else None
+    if route is None:
+        print(f"queue {queue_id}: no mapping in Redis (expired, deleted, never seen by kansas, "
+              "or lost with Redis)", file=out)  # fmt: skip
+        records = seen.get("requests", []) if seen else []
+        realm = next((r["realm"] for r in reversed(records) if r.get("realm")), None)
+        if realm is not None:
+            home = realm_home(assignment, realm)
+            where = f"{home.shard} ({home.reason})" if home else "no shard (none registered)"
+            print(f"  a request on it (realm {realm}) is looked for on the realm's shards, "
+                  f"first its home: {where}", file=out)  # fmt: skip
+    else:
+        user = "-" if route.user_id is None else str(route.user_id)
+        registered = "" if route.shard in assignment.shards else " (no longer registered!)"
+        print(f"queue {queue_id}: on shard {route.shard}{registered} (queue mapping in Redis: "
+              f"realm {route.realm}, user {user}, timeout {route.timeout} s)",
+              file=out)  # fmt: skip
+        if route.invalid:
+            print("  invalidated by a move: its next request gets BAD_EVENT_QUEUE_ID and the "
+                  "client registers again, on the new shard", file=out)  # fmt: skip
+        decision = place_queue(assignment, route.realm, route.user_id)
+        if decision is None:
+            print("  a new queue of this user would find no shard (none takes new queues)",
+                  file=out)  # fmt: skip
+        else:
+            same = "the same shard" if decision.shard == route.shard else "ANOTHER shard"
+            print(f"  a new queue of this user would go to {decision.shard} ({decision.reason}): "
+                  f"{same}", file=out)  # fmt: skip
+    if realm is not None:
+        moves = [m for m in authority.list_moves(running_only=True) if m.realm == realm]
+        for m in moves:
+            who = "the realm" if m.user_id is None else f"user {m.user_id}"
+            print(f"  move {m.id} in progress: {who} to {m.to_shard} ({m.invalidated} queues "
+                  "invalidated so far)", file=out)  # fmt: skip
+    if seen is None:
+        print("recent requests: ask a running kansas with --internal URL", file=out)
+        return
+    cached = seen.get("cached_route")
+    if cached:
+        print(f"  kansas at {args.internal} has it cached: shard {cached.get('shard')}", file=out)
+    records = seen.get("requests", [])
+    if not seen.get("tracing", True):
+        print(f"recent requests: kansas at {args.internal} keeps none (--trace-queues 0)",
+              file=out)  # fmt: skip
+        return
+    if not records:
+        print(f"recent requests: none known to kansas at {args.internal} (it keeps the last "
+              "few of recently seen queues)", file=out)  # fmt: skip
+        return
+    print(f"recent requests (kansas at {args.internal}, oldest first):", file=out)
+    rows: list[tuple[str, ...]] = [("TIME (UTC)", "REQUEST ID", "LISTENER", "METHOD",
+                                    "STATUS", "SHARD", "RULE", "ROUTE MS", "BACKEND MS",
+                                    "TOTAL MS")]  # fmt: skip
+    for r in records:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(float(r.get("ts") or 0)))
+        rows.append(tuple(_cell(v) for v in (when, r.get("id"), r.get("listener"),
+                          r.get("method"), r.get("status"), r.get("shard"), r.get("rule"),
+                          r.get("route_ms"), r.get("backend_ms"), r.get("total_ms"))))  # fmt: skip
+    _table(rows, out)
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None or value == "" else str(value)
 
 
 def _with_redis(redis_url: str, what: str, work: Any) -> None:

@@ -27,6 +27,7 @@ from zope.interface import implementer
 
 from kansas.errors import KansasError
 from kansas.model import Assignment
+from kansas.observe.metrics import CallStats
 from kansas.stores.postgres import NOTIFY_CHANNEL, connect
 
 log = Logger()
@@ -99,6 +100,12 @@ class AssignmentFollower(Service):
         self._reloading: Deferred[None] | None = None
         self._again = False
         self.on_change: list[Callable[[Assignment], None]] = []
+        #: reload latencies and failures (reload, listen), for /metrics
+        self.stats = CallStats()
+
+    @property
+    def listening(self) -> bool:
+        return self._reader is not None
 
     def startService(self) -> None:
         Service.startService(self)  # type: ignore[no-untyped-call]
@@ -121,6 +128,7 @@ class AssignmentFollower(Service):
         try:
             conn = yield deferToThread(self._connect_listening)
         except KansasError as e:
+            self._count_error("listen")
             self._schedule_retry(str(e))
             return
         if not self.running:
@@ -142,6 +150,7 @@ class AssignmentFollower(Service):
     def _lost(self) -> None:
         if self._reader is None:
             return
+        self._count_error("listen")
         self._drop_reader()
         self._schedule_retry("LISTEN connection to PostgreSQL lost")
 
@@ -168,11 +177,19 @@ class AssignmentFollower(Service):
         if self._reloading is not None:
             self._again = True
             return self._reloading
-        self._reloading = d = deferToThread(self._load).addCallbacks(self._loaded, self._failed)
+        done = self.stats.timer("reload")
+        d = deferToThread(self._load).addCallbacks(
+            self._loaded, self._failed, callbackArgs=(done,), errbackArgs=(done,)
+        )
+        self._reloading = d
         d.addBoth(self._reload_done)
         return d
 
-    def _loaded(self, assignment: Assignment) -> None:
+    def _count_error(self, what: str) -> None:
+        self.stats.errors[what] = self.stats.errors.get(what, 0) + 1
+
+    def _loaded(self, assignment: Assignment, done: Callable[[bool], None]) -> None:
+        done(True)
         self.reloads += 1
         self.loaded_at = self.reactor.seconds()
         if assignment != self.current:
@@ -189,7 +206,8 @@ class AssignmentFollower(Service):
             for callback in self.on_change:
                 callback(assignment)
 
-    def _failed(self, failure: Failure) -> None:
+    def _failed(self, failure: Failure, done: Callable[[bool], None]) -> None:
+        done(False)
         log.warn(
             "reloading the assignment failed, keeping the last one: {e}",
             e=failure.getErrorMessage(),

@@ -48,6 +48,11 @@ class RouteTable:
         # queue_id -> [route, when the store's expiry was last pushed back]
         self._cache: dict[str, list[Any]] = {}
         self.store_errors = 0
+        #: requests routed from the cache, or not (EventRouter counts; /metrics reads)
+        self.hits = 0
+        self.misses = 0
+        #: cached routes dropped because their realm's move ended
+        self.uncached_by_moves = 0
         # queue_id -> (route, when it was recorded): writes Redis has not taken yet
         self._journal: dict[str, tuple[QueueRoute, float]] = {}
         self.max_journal = max_journal

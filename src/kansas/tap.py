@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from twisted.application.internet import StreamServerEndpointService
@@ -21,6 +22,11 @@ from kansas import lean_reactor
 from kansas.errors import ConfigError, KansasError
 from kansas.follower import AssignmentFollower
 from kansas.health import HealthMonitor
+from kansas.observe.access_log import AccessLog
+from kansas.observe.live import LiveMetrics
+from kansas.observe.recorder import RequestRecorder
+from kansas.observe.trace import RecentRequests
+from kansas.observe.web import SnapshotSource
 from kansas.proxy.backend import BackendPool
 from kansas.proxy.forwarding import EventRouter
 from kansas.proxy.front import CLIENT_PATIENCE_SECONDS, FrontFactory
@@ -93,6 +99,11 @@ class Options(usage.Options):
          "Answer GETs for mapped queues with X-Accel-Redirect to PREFIX + the request "
          "(PREFIX may use {port}, {host}, {shard}; e.g. /internal/tornado/{port}), so "
          "nginx holds the long-poll itself. Off by default."],
+        # -- observability (kansas.observe, docs/observability.md) --
+        ["access-log", None, "off",
+         "One line per request at info level: json, text, or off (default)."],
+        ["trace-queues", None, 2000,
+         "Queues whose last 5 requests are kept for kansas-ctl trace (0: none).", int],
     ]  # fmt: skip
 
     #: Set by a worker, whose listening sockets come from its master.
@@ -123,6 +134,10 @@ class Options(usage.Options):
             _fail("--max-head-bytes must be >= 1024 and --max-body-bytes >= 0")
         if self["max-parked"] < 0:
             _fail("--max-parked must be >= 0")
+        if self["access-log"] not in ("off", "json", "text"):
+            _fail(f"bad --access-log {self['access-log']!r}: json, text or off")
+        if self["trace-queues"] < 0:
+            _fail("--trace-queues must be >= 0")
         if not self["postgres"]:
             _fail("--postgres DSN is required (or set KANSAS_POSTGRES)")
         try:
@@ -180,6 +195,9 @@ class KansasService(MultiService):
         self.follower = follower
         #: SIGHUP reloads the assignment; a worker leaves SIGHUP to its master.
         self.handle_hangup = True
+        #: What /metrics exposes (kansas.observe): set by ``assemble``, and by a worker.
+        self.live: Any = None
+        self.snapshots: Callable[[], Any] = list
 
     def startService(self) -> None:
         MultiService.startService(self)
@@ -313,20 +331,34 @@ def assemble(options: Options, reactor: Any) -> KansasService:
 
     health = HealthMonitor(reactor, follower, interval=options["probe-interval"])
     parking = Parking(reactor, health, options["max-parked"], options["release-rate"])
+    # -- observability: begin --------------------------------------------------------------
+    access_log = None if options["access-log"] == "off" else AccessLog(options["access-log"])
+    recent = RecentRequests(options["trace-queues"]) if options["trace-queues"] else None
+    recorder = RequestRecorder(access_log, recent)
+    live = LiveMetrics(recorder, reactor, parking=parking, health=health, directory=follower,
+                       table=table, redis=store.stats)  # fmt: skip
+    # One process: its own snapshot. A worker replaces ``service.snapshots`` with a
+    # source that asks every worker for theirs, through the master (merged to render).
+    metrics_source: SnapshotSource = lambda: service.snapshots()  # noqa: E731
+    # -- observability: end ----------------------------------------------------------------
     front = FrontFactory(
         router, pool, reactor, health, parking,
         idle_timeout=options["idle-timeout"], park_timeout=options["park-timeout"],
         header_timeout=options["header-timeout"], accel_prefix=options["x-accel-redirect"],
         max_head=options["max-head-bytes"], max_body=options["max-body-bytes"],
         trusted_fronts=frozenset(a for a in options["trust-real-ip-from"].split(",") if a),
+        recorder=recorder,
     )  # fmt: skip
 
     notify = NotifyDispatcher(pool, health)
-    internal = internal_site(pool, router, notify)
+    live.front, live.notify = front, notify
+    internal = internal_site(pool, router, notify, recorder, metrics_source, recent)
     service = KansasService(
         reactor, table, pool, authority, health, parking, front, internal, follower
     )
     follower.setServiceParent(service)
+    service.live = live
+    service.snapshots = lambda: [live.snapshot()]
     log.info(
         "kansas: public {pub}, internal {internal}, redis {redis}, postgres {pg}, {n} shards",
         pub=options["listen"], internal=options["internal-listen"],

@@ -10,6 +10,9 @@ Messages (``op``):
   master -> worker  ``retire``   stop accepting, hand over state, drain, exit
   worker -> master  ``state``    what a retiring worker hands its successors
   master -> worker  ``state``    the same, relayed to the new generation
+  worker -> master  ``collect``  a scrape of /metrics: gather every worker's metrics
+  master -> worker  ``snapshot`` send your metrics snapshot (answered with ``snapshot``)
+  master -> worker  ``collected`` every ready worker's snapshot, for the one that asked
 """
 
 from __future__ import annotations

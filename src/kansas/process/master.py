@@ -36,6 +36,8 @@ BACKOFF_BASE_SECONDS = 0.5
 BACKOFF_CAP_SECONDS = 30.0
 #: A worker that lived this long before dying was not crash-looping.
 STABLE_SECONDS = 10.0
+#: How long a scrape waits for the workers' metrics before showing those it has.
+COLLECT_SECONDS = 2.0
 #: Beyond the drain deadline a retiring worker is given this long before SIGKILL.
 KILL_GRACE_SECONDS = 5.0
 
@@ -64,6 +66,17 @@ class WorkerHandle:
         if self.state != "gone" and self.process is not None:
             with contextlib.suppress(OSError, ProcessExitedAlready):  # it is gone anyway
                 self.process.signalProcess(signum)
+
+
+class _Gather:
+    """One scrape's snapshots being gathered from the serving workers."""
+
+    def __init__(self, asker: WorkerHandle, asked: int, waiting: set[int]) -> None:
+        self.asker = asker
+        self.asked = asked
+        self.waiting = waiting
+        self.snapshots: list[Any] = []
+        self.timer: Any = None
 
 
 class _WorkerOutput(ProcessProtocol):
@@ -124,6 +137,8 @@ class Master(Service):
         self._stopping: Deferred[None] | None = None
         self._kill_timer: Any = None
         self._interrupts = 0
+        self._gathers = 0
+        self._gathering: dict[int, _Gather] = {}
 
     # -- life cycle ------------------------------------------------------------------------
     def startService(self) -> None:
@@ -294,6 +309,10 @@ class Master(Service):
                     self._promote(worker.generation)
             else:
                 log.info("{worker} is back", worker=worker)
+        elif op == "collect":
+            self._collect(worker, message["id"])
+        elif op == "snapshot":
+            self._snapshot_received(worker, message)
         elif op == "state":
             # A retiring worker's caches, for whoever serves now.
             for successor in self._generation(self.current):
@@ -301,6 +320,35 @@ class Master(Service):
                     successor.send(message)
         else:
             log.warn("{worker} sent an unexpected {op!r}", worker=worker, op=op)
+
+    # -- metrics: a scrape reaches one worker, which shows every worker's -----------------
+    def _collect(self, asker: WorkerHandle, asked: int) -> None:
+        self._gathers += 1
+        gather = _Gather(asker, asked, {w.number for w in self.workers if w.state == "ready"})
+        self._gathering[self._gathers] = gather
+        for worker in self.workers:
+            if worker.number in gather.waiting:
+                worker.send({"op": "snapshot", "id": self._gathers})
+        gather.timer = self.reactor.callLater(COLLECT_SECONDS, self._gathered, self._gathers)
+        if not gather.waiting:
+            self._gathered(self._gathers)
+
+    def _snapshot_received(self, worker: WorkerHandle, message: Message) -> None:
+        gather = self._gathering.get(message["id"])
+        if gather is None or worker.number not in gather.waiting:
+            return
+        gather.waiting.discard(worker.number)
+        gather.snapshots.append(message["snapshot"])
+        if not gather.waiting:
+            self._gathered(message["id"])
+
+    def _gathered(self, number: int) -> None:
+        gather = self._gathering.pop(number, None)
+        if gather is None:
+            return
+        if gather.timer is not None and gather.timer.active():
+            gather.timer.cancel()
+        gather.asker.send({"op": "collected", "id": gather.asked, "snapshots": gather.snapshots})
 
     def worker_ended(self, worker: WorkerHandle, status: object) -> None:
         state, worker.state = worker.state, "gone"

@@ -15,8 +15,9 @@ import socket
 import sys
 from typing import Any
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from twisted.logger import FileLogObserver, Logger, formatEvent, globalLogBeginner
 
 from kansas.process.control import ControlFactory, ControlProtocol, Message, receive_listeners
 
@@ -30,6 +31,8 @@ POLL_SECONDS = 0.2
 REDIS_WAIT_SECONDS = 10.0
 #: After the drain deadline's empty answers, time for them to reach the clients.
 FLUSH_SECONDS = 1.0
+#: How long the master waits for the workers' metrics snapshots (then shows the rest).
+COLLECT_SECONDS = 2.0
 #: A retiring worker lives at least this long (its idle connections close after 1 s).
 MIN_DRAIN_SECONDS = 1.0
 
@@ -55,6 +58,8 @@ class Worker:
         self.retiring = False
         self.exit_code = 0
         self._started = 0.0
+        self._asked = 0
+        self._collecting: dict[int, Deferred[list[Any]]] = {}
         self._retired_at = 0.0
         self._redis_ok = False
         self._checking = False
@@ -66,6 +71,7 @@ class Worker:
 
     def start(self) -> None:
         self._started = self.reactor.seconds()
+        self.service.snapshots = self.collect_snapshots
         self.reactor.adoptStreamConnection(
             self.control_fd, socket.AF_UNIX, ControlFactory(self.control)
         )
@@ -109,10 +115,38 @@ class Worker:
 
     # -- the master's word ------------------------------------------------------------------
     def received(self, message: Message) -> None:
-        if message["op"] == "retire":
+        op = message["op"]
+        if op == "retire":
             self.retire()
-        elif message["op"] == "state":
+        elif op == "state":
             self.service.take_over(message)
+        elif op == "snapshot":
+            snapshot = self.service.live.snapshot()
+            self.control.send({"op": "snapshot", "id": message["id"], "snapshot": snapshot})
+        elif op == "collected":
+            waiting = self._collecting.pop(message["id"], None)
+            if waiting is not None:
+                waiting.callback(message["snapshots"])
+
+    # -- /metrics: every worker's snapshot, gathered by the master -------------------------
+    def collect_snapshots(self) -> Deferred[list[Any]]:
+        """What a scrape of this worker shows: every worker's metrics (kansas.observe
+        merges them). Alone, or without its master, a worker shows its own."""
+        if self.retiring or not self.control.connected_:
+            return succeed([self.service.live.snapshot()])
+        self._asked += 1
+        asked = self._asked
+        d: Deferred[list[Any]] = Deferred()
+        self._collecting[asked] = d
+        self.control.send({"op": "collect", "id": asked})
+
+        def timed_out() -> None:
+            waiting = self._collecting.pop(asked, None)
+            if waiting is not None:
+                waiting.callback([self.service.live.snapshot()])
+
+        self.reactor.callLater(COLLECT_SECONDS + 1, timed_out)
+        return d
 
     def master_gone(self) -> None:
         if not self.retiring:
@@ -162,16 +196,18 @@ class Worker:
         d.addBoth(lambda _: self.reactor.stop())
 
 
+def log_line(event: dict[str, Any]) -> str:
+    """twistd's format without the timestamp (the master adds its own when it relays
+    them), so ``[kansas.access#info] {...}`` lines parse the same under a master."""
+    level = event.get("log_level")
+    name = level.name if level is not None else "info"
+    return f"[{event.get('log_namespace', '-')}#{name}] {formatEvent(event)}\n"
+
+
 def _log_to_stdout() -> None:
-    """Plain lines without a timestamp: the master adds its own when it relays them."""
-    from twisted.logger import FileLogObserver, formatEvent, globalLogBeginner
-
-    def line(event: dict[str, Any]) -> str:
-        level = event.get("log_level")
-        name = level.name if level is not None else "info"
-        return f"{name} {event.get('log_namespace', '-')}: {formatEvent(event)}\n"
-
-    globalLogBeginner.beginLoggingTo([FileLogObserver(sys.stdout, line)], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo(
+        [FileLogObserver(sys.stdout, log_line)], redirectStandardIO=False
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 1
     service.handle_hangup = False
+    service.live.worker = str(os.getpid())
     worker = Worker(reactor, service, listeners, control_fd, options["drain-timeout"])
     signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(worker.retire))
     reactor.callWhenRunning(worker.start)

@@ -31,7 +31,10 @@ _REPLACED_UPSTREAM = HOP_BY_HOP | {
     b"x-forwarded-for",
     b"content-length",
     b"expect",  # kansas has the whole body before it forwards
+    b"x-request-id",  # kansas's own (a trusted caller's, else a new one)
 }
+#: Headers of a shard's answer that are not relayed: the client gets kansas's request id.
+_DROPPED_DOWNSTREAM = HOP_BY_HOP | {b"x-request-id"}
 
 
 class Directory(TypingProtocol):
@@ -84,20 +87,23 @@ class EventRouter:
         ended = self._moving - assignment.moving_realms
         self._moving = assignment.moving_realms
         if ended:
-            self.table.uncache_realms(ended)
+            self.table.uncached_by_moves += self.table.uncache_realms(ended)
 
     def route(self, queue_id: str, realm: str) -> Target | Deferred[Target]:
         """The shard for a request on ``queue_id``: at once on a cache hit (unless its
         realm is being moved). Raises (or fails with) QueueInvalidated for a queue a
         move has invalidated."""
-        route = self.table.cached(queue_id)
+        table = self.table
+        route = table.cached(queue_id)
         if route is not None:
+            table.hits += 1
             if route.realm not in self.directory.current.moving_realms:
                 return self._mapped(route, realm)
             # A move is under way: another process may have invalidated the queue, so
             # Redis is asked every time (one GET, only while the realm moves).
             return self.table.refetch(route).addCallback(self._mapped, realm)
-        return self.table.fetch(queue_id).addCallback(
+        table.misses += 1
+        return table.fetch(queue_id).addCallback(
             lambda found: self._fallback(realm) if found is None else self._mapped(found, realm)
         )
 
@@ -151,9 +157,11 @@ def upstream_head(
     peer: str,
     body_length: int,
     trust_real_ip: bool = False,
+    request_id: bytes = b"",
 ) -> bytes:
     """The HTTP/1.1 request head for a shard: hop-by-hop headers out, ``Host`` kept,
-    ``X-Real-Ip`` set to the real peer and the peer appended to ``X-Forwarded-For``.
+    ``X-Real-Ip`` set to the real peer and the peer appended to ``X-Forwarded-For``,
+    ``X-Request-Id`` set to ``request_id`` (a caller's own is always dropped).
 
     ``trust_real_ip``: the peer is a trusted front (nginx): its ``X-Real-Ip``, if it is
     an IP address, is the client's and is passed on instead of the peer's.
@@ -176,6 +184,8 @@ def upstream_head(
     peer_bytes = peer.encode()
     chain = forwarded_for + b", " + peer_bytes if forwarded_for else peer_bytes
     parts += (b"X-Forwarded-For: ", chain, b"\r\nX-Real-Ip: ", real_ip, b"\r\n")
+    if request_id:
+        parts += (b"X-Request-Id: ", request_id, b"\r\n")
     if body_length or method not in (b"GET", b"HEAD", b"DELETE"):
         parts += (b"Content-Length: ", str(body_length).encode(), b"\r\n")
     parts.append(b"\r\n")
@@ -191,9 +201,10 @@ def _is_ip(value: bytes) -> bool:
 
 
 def downstream_headers(headers: list[Header]) -> list[Header]:
-    """A shard's response headers minus the hop-by-hop ones (and those it lists)."""
+    """A shard's response headers minus the hop-by-hop ones (and those it lists), and
+    minus its ``X-Request-Id`` (the caller gets kansas's)."""
     listed: set[bytes] = set()
     for lname, _name, value in headers:
         if lname == b"connection":
             listed = {t.strip().lower() for t in value.split(b",")}
-    return [h for h in headers if h[0] not in HOP_BY_HOP and h[0] not in listed]
+    return [h for h in headers if h[0] not in _DROPPED_DOWNSTREAM and h[0] not in listed]

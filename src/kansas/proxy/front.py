@@ -29,6 +29,9 @@ from kansas.http.wire import (
     RequestParser,
     is_json,
 )
+from kansas.observe.recorder import INVALIDATED, RequestRecorder
+from kansas.observe.request_id import HEADER as REQUEST_ID_HEADER
+from kansas.observe.request_id import LOWER as REQUEST_ID_LOWER
 from kansas.proxy.backend import BackendPool, Exchange, Failed
 from kansas.proxy.forwarding import (
     EVENT_PATHS,
@@ -108,12 +111,20 @@ class FrontProtocol(Protocol):
         "idle_since",
         "in_loop",
         "keep_alive",
+        "kind",
         "linger",
+        "longpoll",
+        "method",
+        "note",
         "parked",
         "parser",
         "peer",
         "pending",
         "proxy",
+        "rid",
+        "sent",
+        "sent_at",
+        "status",
         "trusted",
     )
 
@@ -134,7 +145,18 @@ class FrontProtocol(Protocol):
         self.head_since = 0.0
         self.linger: Any = None  # (timer, bytes still allowed) while closing gracefully
         self.parked: Parked | None = None  # waiting for a shard to come back
+        #: (queue, realm, shard, rule) of an answer kansas made itself about a queue
+        #: (rare: set there, used and cleared when the request is recorded)
+        self.note: tuple[str, str, str, str] | None = None
         self.arrived = 0.0
+        # -- what the access log and the metrics need (kansas.observe) --
+        self.method = b""
+        self.kind = "other"  # "events", "internal" or "other"
+        self.longpoll = False  # a blocking GET
+        self.rid = b""  # the request id; b"": no request, or it is recorded already
+        self.status = 0
+        self.sent = 0  # bytes to the client
+        self.sent_at: float | None = None  # when the request went to its shard
 
     # -- connection ----------------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -146,6 +168,9 @@ class FrontProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.gone = True
+        if self.busy and self.rid:
+            self.status = 499  # the client left before its answer was complete (as nginx logs)
+            self._record(self.proxy.clock.seconds())
         if self.linger is not None and self.linger[0].active():
             self.linger[0].cancel()
         self.proxy.connections.discard(self)
@@ -181,6 +206,8 @@ class FrontProtocol(Protocol):
                 try:
                     request = self.parser.next_request()
                 except HttpError as e:
+                    self._start(b"")
+                    self.kind = "other"
                     self._reply(error_response(e.status, e.message, keep_alive=False), False)
                     return
                 if request is None:
@@ -194,15 +221,25 @@ class FrontProtocol(Protocol):
             self.in_loop = False
 
     def _reply(self, response: bytes, keep_alive: bool) -> None:
+        """Send an answer kansas made itself (with the request id after its status line)."""
+        cut = response.index(b"\r\n") + 2
+        response = b"%s%s: %s\r\n%s" % (response[:cut], REQUEST_ID_HEADER, self.rid,
+                                          response[cut:])  # fmt: skip
+        self.status = int(response[9:12])
+        self.sent += len(response)
         send_now(self.transport, response)
         self._done(keep_alive)
 
     def _done(self, keep_alive: bool) -> None:
+        now = self.proxy.clock.seconds()
+        if self.rid:  # not recorded yet (``_record``, inlined: this is every request)
+            self.proxy.recorder.public(self, now)
+            self.rid = b""
         self.busy = False
         self.exchange = None
         self.pending = None
         self.head_out = b""
-        self.idle_since = self.head_since = self.proxy.clock.seconds()
+        self.idle_since = self.head_since = now
         if not keep_alive:
             self._close_gracefully()
         elif self.parser.buffered:
@@ -221,11 +258,28 @@ class FrontProtocol(Protocol):
             half_close()
 
     # -- requests ------------------------------------------------------------------------
-    def _dispatch(self, request: Request) -> None:
+    def _start(self, method: bytes, incoming_id: bytes | None = None) -> None:
+        """A request begins: its id, and a clean slate for what is recorded of it
+        (``kind`` is set by ``_dispatch``, ``status`` before any answer, ``longpoll``
+        before a shard is chosen)."""
         self.arrived = self.proxy.clock.seconds()
+        self.method = method
+        ids = self.proxy.ids
+        self.rid = ids.new() if incoming_id is None else ids.choose(incoming_id, self.trusted)
+        self.sent = 0
+        self.sent_at = None
+
+    def _record(self, now: float) -> None:
+        self.proxy.recorder.public(self, now)
+        self.rid = b""
+
+    def _dispatch(self, request: Request) -> None:
+        # Only a trusted front may name the request: nobody else's id is even looked at.
+        self._start(request.method, request.header(REQUEST_ID_LOWER) if self.trusted else None)
         path, _, query = request.target.partition(b"?")
         ka = self.keep_alive
         if path in EVENT_PATHS:
+            self.kind = "events"
             if request.method == b"GET" or request.method == b"DELETE":
                 self._events(request, query)
             else:
@@ -234,8 +288,10 @@ class FrontProtocol(Protocol):
                     error_response(405, "Method Not Allowed", keep_alive=ka, extra=allow), ka
                 )
         elif path == INTERNAL_QUEUE_PATH or path.startswith(INTERNAL_PREFIX):
+            self.kind = "internal"
             self._reply(error_response(403, "Access denied", "UNAUTHORIZED", ka), ka)
         else:
+            self.kind = "other"
             self._reply(error_response(404, "Not Found", "NOT_FOUND", ka), ka)
 
     def _events(self, request: Request, query: bytes) -> None:
@@ -260,6 +316,7 @@ class FrontProtocol(Protocol):
         if not valid_realm(realm):
             self._reply(error_response(400, "Missing or invalid Host header", keep_alive=ka), ka)
             return
+        self.longpoll = request.method == b"GET" and b"dont_block=true" not in query
         try:
             target = self.proxy.router.route(queue_id, realm)
         except NoShard:
@@ -286,12 +343,16 @@ class FrontProtocol(Protocol):
         """A move invalidated this queue: Zulip's BAD_EVENT_QUEUE_ID (the client
         re-registers, on its new shard), and a DELETE of the queue on its old shard,
         with the client's own credentials (Tornado authenticates queue deletion)."""
+        self.proxy.recorder.invalidated_answer(e.route.shard)
+        self.note = (e.route.queue_id, e.route.realm, e.route.shard, INVALIDATED)
+        rid = self.rid
         self._reply(bad_queue_response(e.route.queue_id, self.keep_alive), self.keep_alive)
         if e.shard is not None:
             target = request.target
             if request.method == b"DELETE" and request.body and b"?" not in target:
                 target += b"?queue_id=" + e.route.queue_id.encode()  # from the form body
-            head = upstream_head(b"DELETE", target, request.headers, self.peer, 0, self.trusted)
+            head = upstream_head(b"DELETE", target, request.headers, self.peer, 0, self.trusted,
+                                 rid)  # fmt: skip
             self.proxy.pool.send(e.shard.address, head, _DISCARD_SINK, True)
 
     def _route_failed(self, failure: Failure, realm: str, request: Request) -> None:
@@ -317,6 +378,7 @@ class FrontProtocol(Protocol):
             self.peer,
             len(request.body),
             self.trusted,
+            self.rid,
         )
         # Only the bytes for the shard are kept, not the parsed request: a held long-poll
         # should cost little memory.
@@ -336,6 +398,7 @@ class FrontProtocol(Protocol):
         if self.proxy.accel_prefix is not None and flight.method == b"GET" and target.route:
             self._accel_redirect(flight)
             return
+        self.sent_at = self.proxy.clock.seconds()
         self.exchange = self.proxy.pool.send(target.shard.address, flight.payload, self, True)
 
     def _accel_redirect(self, flight: InFlight) -> None:
@@ -427,7 +490,8 @@ class FrontProtocol(Protocol):
             self._reply(error_response(502, msg, "BAD_GATEWAY", self.keep_alive), self.keep_alive)
             return
         self.proxy.router.answered(method, queue_id, realm, target, status)
-        out = [status_line(status)]
+        self.status = status
+        out = [status_line(status), REQUEST_ID_HEADER, b": ", self.rid, b"\r\n"]
         framing = _UNTIL_CLOSE
         for lname, name, value in downstream_headers(headers):
             if lname == b"content-length":
@@ -457,6 +521,7 @@ class FrontProtocol(Protocol):
         if self.head_out:
             data = self.head_out + data
             self.head_out = b""
+        self.sent += len(data)
         send_now(self.transport, data)
 
     def response_end(self) -> None:
@@ -471,6 +536,7 @@ class FrontProtocol(Protocol):
         tail = self.head_out + b"0\r\n\r\n" if self.framing == _CHUNKED else self.head_out
         if tail:
             self.head_out = b""
+            self.sent += len(tail)
             send_now(self.transport, tail)
         self._done(self.keep_alive)
 
@@ -489,6 +555,8 @@ class FrontProtocol(Protocol):
         if started:
             # Part of the answer is out: only a cut connection tells the client.
             log.warn("{reason}", reason=reason)
+            self.status = 502
+            self._record(self.proxy.clock.seconds())
             self.gone = True
             self.transport.abortConnection()  # type: ignore[union-attr]
             return
@@ -539,6 +607,7 @@ class FrontFactory(Factory):
         max_body: int = MAX_BODY_BYTES,
         trusted_fronts: frozenset[str] = frozenset(),
         reap_interval: float = 5.0,
+        recorder: RequestRecorder | None = None,
     ) -> None:
         self.router = router
         self.pool = pool
@@ -554,6 +623,9 @@ class FrontFactory(Factory):
         #: peers (nginx) whose X-Real-Ip is the client's; any other peer's is replaced
         self.trusted_fronts = trusted_fronts
         self.idle_timeout = idle_timeout
+        #: counts, latencies, access log and trace records of every request
+        self.recorder = recorder or RequestRecorder()
+        self.ids = self.recorder.ids
         self.connections: set[FrontProtocol] = set()
         self.retiring = False  # set when a successor takes over (see retire)
         self._reaper = LoopingCall(self.reap)

@@ -9,6 +9,10 @@ over kansas's persistent HTTP/1.1 connections instead of the stock HTTP/1.0 clie
   the router places it on and record the mapping; with one, route by the queue.
 * ``POST /api/internal/notify_tornado`` and ``…/web_reload_clients``: sent to every
   shard, replies combined.
+* ``GET /metrics`` and ``GET /debug/trace?queue=ID``: see ``kansas.observe.web``.
+
+Every call gets a request id (the caller's ``X-Request-Id`` if sane: internal callers
+are trusted), sent to the shards and returned, and is counted like a public request.
 """
 
 from __future__ import annotations
@@ -30,6 +34,17 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from kansas.errors import bad_queue_body, zulip_error_body
 from kansas.http.wire import Header
 from kansas.model import QueueRoute, queue_timeout
+from kansas.observe.recorder import RequestRecorder
+from kansas.observe.request_id import LOWER as REQUEST_ID_LOWER
+from kansas.observe.trace import RecentRequests
+from kansas.observe.web import (
+    METRICS_PATH,
+    TRACE_PATH,
+    MetricsResource,
+    ObservedRequest,
+    SnapshotSource,
+    TraceResource,
+)
 from kansas.proxy.backend import BackendPool, CollectedResponse, Exchange
 from kansas.proxy.forwarding import (
     QUEUE_ID,
@@ -82,11 +97,19 @@ def _peer(request: Request) -> str:
     return getattr(request.getClientAddress(), "host", "") or "unknown"
 
 
+def _observed(request: Request) -> ObservedRequest:
+    return cast(ObservedRequest, request)
+
+
 def send_to(
     pool: BackendPool, target: Target, request: Request, retry_safe: bool
 ) -> tuple[Exchange, CollectedResponse]:
     body = _body(request)
-    head = upstream_head(request.method, request.uri, _headers(request), _peer(request), len(body))
+    seen = _observed(request)
+    seen.kansas_shard, seen.kansas_rule = target.shard.name, str(target.reason)
+    seen.kansas_sent = pool.reactor.seconds()
+    head = upstream_head(request.method, request.uri, _headers(request), _peer(request), len(body),
+                         request_id=seen.kansas_id)  # fmt: skip
     sink = CollectedResponse()
     exchange = pool.send(target.shard.address, head + body, sink, retry_safe)
     return exchange, sink
@@ -217,6 +240,7 @@ class QueueResource(ShardProxyResource):
         realm = realm_from_host(request.getHeader(b"host"))
         queue_id = _arg(request, b"queue_id")
         if queue_id is not None:
+            _observed(request).kansas_queue = queue_id
             if QUEUE_ID.fullmatch(queue_id) is None:
                 request.setResponseCode(400)
                 request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
@@ -241,6 +265,7 @@ class QueueResource(ShardProxyResource):
         new_id = data.get("queue_id") if reply.status == 200 and data else None
         if not isinstance(new_id, str):
             return None
+        _observed(request).kansas_queue = new_id
         user = _arg(request, b"user_profile_id")
         timeout = queue_timeout(_arg(request, b"lifespan_secs"))
         route = QueueRoute(new_id, target.shard.name, realm, int(user or 0), timeout)
@@ -269,8 +294,10 @@ class BroadcastResource(Resource):
         if not shards:
             return _json_error(request, 503, "No shard is registered", "SHARD_UNAVAILABLE")
         body = _body(request)
+        seen = _observed(request)
+        seen.kansas_shard, seen.kansas_sent = "all", self.notify.pool.reactor.seconds()
         head = upstream_head(request.method, request.uri, _headers(request), _peer(request),
-                             len(body))  # fmt: skip
+                             len(body), request_id=seen.kansas_id)  # fmt: skip
         calls = [self.notify.deliver(shard, head + body) for shard in shards]
         DeferredList(calls, consumeErrors=True).addCallback(
             self._combine, request, [s.name for s in shards]
@@ -324,13 +351,30 @@ class InternalRoot(Resource):
 
     isLeaf = True
 
-    def __init__(self, pool: BackendPool, router: EventRouter, notify: NotifyDispatcher) -> None:
+    def __init__(
+        self,
+        pool: BackendPool,
+        router: EventRouter,
+        notify: NotifyDispatcher,
+        recorder: RequestRecorder | None = None,
+        metrics: SnapshotSource | None = None,
+        recent: RecentRequests | None = None,
+    ) -> None:
         super().__init__()
+        self.clock = pool.reactor
         self.queues = QueueResource(pool, router, notify)
         self.broadcast = BroadcastResource(router, notify)
+        self.recorder = recorder or RequestRecorder()
+        self.metrics = None if metrics is None else MetricsResource(metrics)
+        self.trace = TraceResource(recent, router.table.cached)
 
     def render(self, request: Request) -> bytes | int:
         path = request.path
+        if path == METRICS_PATH and self.metrics is not None:
+            return self.metrics.render(request)  # type: ignore[no-any-return]
+        if path == TRACE_PATH:
+            return self.trace.render(request)  # type: ignore[no-any-return]
+        self._observe(request)
         if path == b"/api/v1/events/internal":
             handler: Resource = self.queues
         elif path in (b"/api/internal/notify_tornado", b"/api/internal/web_reload_clients"):
@@ -347,6 +391,25 @@ class InternalRoot(Resource):
         except Exception:
             log.failure("internal request failed")
             return _json_error(request, 500, "Internal error", "INTERNAL")
+
+    def _observe(self, request: Request) -> None:
+        """Give the call its id (sent back at once) and record it when it is answered."""
+        seen = _observed(request)
+        incoming = request.requestHeaders.getRawHeaders(REQUEST_ID_LOWER)
+        seen.kansas_id = self.recorder.ids.choose(incoming[-1] if incoming else None, True)
+        seen.kansas_arrived = self.clock.seconds()
+        request.setHeader(b"X-Request-Id", seen.kansas_id)
+        request.notifyFinish().addBoth(self._finished, seen)
+
+    def _finished(self, result: object, seen: ObservedRequest) -> None:
+        status = 499 if isinstance(result, Failure) else seen.code  # 499: the caller left
+        internal = seen.path.startswith((b"/api/internal/", b"/api/v1/events/internal"))
+        kind = "internal" if internal else "other"
+        self.recorder.finished("internal", seen.method, kind, status, seen.kansas_shard,
+                               seen.kansas_rule, seen.kansas_queue,
+                               realm_from_host(seen.getHeader(b"host")), seen.kansas_id,
+                               seen.kansas_arrived, seen.kansas_sent, self.clock.seconds(),
+                               seen.sentLength, False)  # fmt: skip
 
 
 class _InternalChannel(HTTPChannel):
@@ -375,8 +438,8 @@ class InternalSite(Site):
 
     protocol = _InternalChannel  # type: ignore[assignment]  # a plain HTTP/1.1 channel
 
-    def __init__(self, resource: Resource) -> None:
-        super().__init__(resource)
+    def __init__(self, resource: Resource, **kwargs: Any) -> None:
+        super().__init__(resource, **kwargs)
         self.retiring = False
         self.channels: WeakSet[_InternalChannel] = WeakSet()
 
@@ -418,8 +481,16 @@ class InternalSite(Site):
                 channel.loseConnection()
 
 
-def internal_site(pool: BackendPool, router: EventRouter, notify: NotifyDispatcher) -> InternalSite:
-    site = InternalSite(InternalRoot(pool, router, notify))
+def internal_site(
+    pool: BackendPool,
+    router: EventRouter,
+    notify: NotifyDispatcher,
+    recorder: RequestRecorder | None = None,
+    metrics: SnapshotSource | None = None,
+    recent: RecentRequests | None = None,
+) -> InternalSite:
+    root = InternalRoot(pool, router, notify, recorder, metrics, recent)
+    site = InternalSite(root, requestFactory=ObservedRequest)
     site.displayTracebacks = False
     site.noisy = False
     # No access log line per internal call: at Zulip's rate of queue creation it is noise.

@@ -21,10 +21,12 @@ from urllib.parse import unquote, urlsplit
 import txredisapi
 from twisted.internet.defer import Deferred, DeferredList, fail, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from kansas.errors import ConfigError
 from kansas.model import QueueRoute
+from kansas.observe.metrics import CallStats
 from kansas.stores.interface import ROUTE_SLACK_SECONDS, IRouteStore
 
 KEY_PREFIX = "kansas:queue:"
@@ -171,6 +173,11 @@ def parse_redis_url(url: str) -> RedisAddress:
     )
 
 
+def _measured(result: Any, done: Any) -> Any:
+    done(not isinstance(result, Failure))
+    return result
+
+
 @implementer(IRouteStore)
 class RedisRouteStore:
     def __init__(
@@ -185,6 +192,8 @@ class RedisRouteStore:
         self._timeout = call_timeout
         self._connected_once = False
         self._queued_unconnected = 0
+        #: latency and failures of every call, by operation, for /metrics
+        self.stats = CallStats()
         # convertNumbers=False: routing data stays text ("007" must not become 7).
         self._sentinel: Any = None
         if address.sentinels:
@@ -216,7 +225,10 @@ class RedisRouteStore:
             replyTimeout=max(call_timeout, 5.0),
         )
 
-    def _call(self, method: str, *args: Any) -> Deferred[Any]:
+    def _call(self, method: str, *args: Any, op: str | None = None) -> Deferred[Any]:
+        """Call txredisapi's ``method``, bounded by the call timeout, timed and counted
+        as ``op`` (default: the method)."""
+        done = self.stats.timer(op or method)
         if self._redis._factory.size:
             self._connected_once = True
             self._queued_unconnected = 0
@@ -225,12 +237,13 @@ class RedisRouteStore:
             # back, and a call we give up on (timeout) stays in its queue: memory that
             # grows for as long as an outage lasts. Only the very first calls, before the
             # pool has ever connected (kansas just started), are let to wait for it.
+            done(False)
             return fail(RedisUnavailable(f"not connected to Redis ({self.address})"))
         else:
             self._queued_unconnected += 1
         d: Deferred[Any] = getattr(self._redis, method)(*args)
         d.addTimeout(self._timeout, self._clock)
-        return d
+        return d.addBoth(_measured, done)
 
     def get(self, queue_id: str) -> Deferred[QueueRoute | None]:
         d = self._call("get", KEY_PREFIX + queue_id)
@@ -242,27 +255,31 @@ class RedisRouteStore:
         keys = [KEY_PREFIX + route.queue_id, REALM_PREFIX + route.realm]
         ttl = route.timeout + ROUTE_SLACK_SECONDS
         args = [route.to_json(), ttl, route.queue_id, REALM_PREFIX]
-        return self._call("eval", _PUT, keys, args).addCallback(lambda _: None)
+        return self._call("eval", _PUT, keys, args, op="put").addCallback(lambda _: None)
 
     def touch(self, route: QueueRoute) -> Deferred[None]:
         keys = [KEY_PREFIX + route.queue_id, REALM_PREFIX + route.realm]
-        d = self._call("eval", _TOUCH, keys, [route.timeout + ROUTE_SLACK_SECONDS])
+        d = self._call("eval", _TOUCH, keys, [route.timeout + ROUTE_SLACK_SECONDS], op="touch")
         return d.addCallback(lambda _: None)
 
     def delete(self, queue_id: str) -> Deferred[None]:
-        d = self._call("eval", _DELETE, [KEY_PREFIX + queue_id], [queue_id, REALM_PREFIX])
+        d = self._call(
+            "eval", _DELETE, [KEY_PREFIX + queue_id], [queue_id, REALM_PREFIX], op="delete"
+        )
         return d.addCallback(lambda _: None)
 
     def invalidate(self, queue_id: str) -> Deferred[bool]:
-        d = self._call("eval", _INVALIDATE, [KEY_PREFIX + queue_id], [])
+        d = self._call("eval", _INVALIDATE, [KEY_PREFIX + queue_id], [], op="invalidate")
         return d.addCallback(lambda done: int(done) == 1)
 
     def acquire(self, name: str, owner: str, seconds: float) -> Deferred[bool]:
-        d = self._call("eval", _ACQUIRE, [LOCK_PREFIX + name], [owner, int(seconds * 1000)])
+        d = self._call(
+            "eval", _ACQUIRE, [LOCK_PREFIX + name], [owner, int(seconds * 1000)], op="acquire"
+        )
         return d.addCallback(lambda done: int(done) == 1)
 
     def release(self, name: str, owner: str) -> Deferred[None]:
-        d = self._call("eval", _RELEASE, [LOCK_PREFIX + name], [owner])
+        d = self._call("eval", _RELEASE, [LOCK_PREFIX + name], [owner], op="release")
         return d.addCallback(lambda _: None)
 
     @inlineCallbacks

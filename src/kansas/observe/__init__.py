@@ -1,0 +1,1 @@
+"""Seeing inside kansas: metrics, request ids, the access log, request traces."""

@@ -34,8 +34,10 @@ run: $(BIN)/.installed system-deps
 
 bench: $(BIN)/.installed
 	@scripts/system-deps.sh wrk nginx
+	$(BIN)/pip install --quiet -e '.[test,bench]'
 	$(BIN)/python bench/first_figure.py
 	$(BIN)/python bench/against_nginx.py --write
+	$(BIN)/python bench/workers.py --write
 
 chaos: $(BIN)/.installed system-deps
 	$(BIN)/python scripts/chaos.py $(CHAOS_ARGS)

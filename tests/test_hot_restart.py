@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg2
 import pytest
 
 from kansas.ctl import main as ctl
@@ -135,6 +136,33 @@ def test_ten_reloads_under_load_drop_nothing(rig: Rig) -> None:
         time.sleep(0.2)
     assert pids_alive(every_pid[:-2]) == []
     assert len(pids_alive(generations[-1][1])) == 2
+
+
+@pytest.mark.timeout(120)
+def test_a_generation_that_cannot_start_is_abandoned_and_the_old_one_serves_on(
+    rig: Rig, postgres_dsn: str
+) -> None:
+    # As if new code needed a schema the database does not have yet.
+    conn = psycopg2.connect(postgres_dsn)
+    with conn, conn.cursor() as cur:
+        cur.execute("UPDATE kansas_schema_version SET version = version - 1")
+    conn.close()
+    ((_, pids),) = rig.kansas.generations()
+    offset = len(rig.kansas.log_text())
+    rig.kansas.send_signal(signal.SIGHUP)
+    failed = rig.kansas.wait_for(
+        r"new generation 2 failed \((.*)\); generation 1 keeps", after=offset
+    )
+    assert "exit code 1" in failed.group(1)
+    assert "run `kansas-ctl --postgres DSN migrate`" in rig.kansas.log_text()[offset:]
+    assert pids_alive(pids) == pids
+    form = {"secret": SECRET, "user_profile_id": 5, "dont_block": "true"}
+    made = call(rig.kansas.internal_port, "POST", "/api/v1/events/internal",
+                host="one.example.com", form=form)  # fmt: skip
+    assert made.status == 200, made
+    got = call(rig.kansas.public_port, "GET", "/json/events", host="one.example.com",
+               params={"queue_id": made.json["queue_id"], "dont_block": "true"})  # fmt: skip
+    assert got.status == 200 and got.json["result"] == "success", got
 
 
 @pytest.mark.timeout(120)

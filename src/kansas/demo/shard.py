@@ -687,7 +687,8 @@ class DemoShard:
                     "user_profile_id": q.user_profile_id,
                     "pending": len(q.events),
                     "parked": q.parked is not None,
-                    "frozen": q.frozen_by is not None,
+                    # only while a move batch has it frozen
+                    **({"frozen": True} if q.frozen_by is not None else {}),
                 }
                 for q in self.queues.values()
             ],

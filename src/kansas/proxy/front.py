@@ -38,6 +38,7 @@ from kansas.proxy.forwarding import (
     EventRouter,
     NoShard,
     QueueInvalidated,
+    QueueMoving,
     Target,
     downstream_headers,
     upstream_head,
@@ -45,6 +46,7 @@ from kansas.proxy.forwarding import (
 from kansas.proxy.parking import Parked, Parking
 from kansas.proxy.sending import send_now
 from kansas.router import realm_from_host, valid_realm
+from kansas.transparent.holding import Held, MoveHolding
 
 log = Logger()
 
@@ -102,6 +104,7 @@ class FrontProtocol(Protocol):
         "gone",
         "head_out",
         "head_since",
+        "held",
         "idle_since",
         "in_loop",
         "keep_alive",
@@ -131,6 +134,7 @@ class FrontProtocol(Protocol):
         self.head_since = 0.0
         self.linger: Any = None  # (timer, bytes still allowed) while closing gracefully
         self.parked: Parked | None = None  # waiting for a shard to come back
+        self.held: Held | None = None  # waiting for a transparent move's switch
         self.arrived = 0.0
 
     # -- connection ----------------------------------------------------------------------
@@ -149,6 +153,9 @@ class FrontProtocol(Protocol):
         if self.parked is not None:
             self.proxy.parking.unpark(self.parked)  # at once: a parked client costs memory
             self.parked = None
+        if self.held is not None:
+            self.proxy.holding.release(self.held)
+            self.held = None
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
             exchange.cancel()  # the shard drops the parked request with the connection
@@ -265,6 +272,9 @@ class FrontProtocol(Protocol):
         except QueueInvalidated as e:
             self._invalidated(e, request)
             return
+        except QueueMoving as e:
+            self._hold(e, request)
+            return
         if isinstance(target, Deferred):
             target.addCallbacks(
                 self._forward,
@@ -291,6 +301,34 @@ class FrontProtocol(Protocol):
             head = upstream_head(b"DELETE", target, request.headers, self.peer, 0, self.trusted)
             self.proxy.pool.send(e.shard.address, head, _DISCARD_SINK, True)
 
+    def _hold(self, e: QueueMoving, request: Request) -> None:
+        """A transparent move is switching the queue: wait for its commit or rollback,
+        then route the request again; a GET still waiting at the batch's deadline gets
+        the empty success (the client polls again)."""
+        holding = self.proxy.holding
+        now = self.proxy.clock.seconds()
+        deadline = min(holding.deadline(e.route), now + self.proxy.park_timeout,
+                       self.arrived + CLIENT_PATIENCE_SECONDS)  # fmt: skip
+        queue_id, method = e.route.queue_id, request.method
+        query = request.target.partition(b"?")[2]
+
+        def resume() -> None:
+            self.held = None
+            if not self.gone:
+                self._events(request, query)
+
+        def expire() -> None:
+            self.held = None
+            if method == b"GET":
+                self._empty_success(queue_id)
+                return
+            msg = "The queue is being moved; try again"
+            retry = ((b"Retry-After", b"1"),)
+            self._reply(error_response(503, msg, "SHARD_UNAVAILABLE", self.keep_alive, retry),
+                        self.keep_alive)  # fmt: skip
+
+        self.held = holding.hold(queue_id, deadline, resume, expire)
+
     def _route_failed(self, failure: Failure, realm: str, request: Request) -> None:
         if self.gone:
             return
@@ -299,6 +337,9 @@ class FrontProtocol(Protocol):
             return
         if isinstance(failure.value, QueueInvalidated):
             self._invalidated(failure.value, request)
+            return
+        if isinstance(failure.value, QueueMoving):
+            self._hold(failure.value, request)
             return
         log.failure("routing failed", failure)
         ka = self.keep_alive
@@ -368,6 +409,12 @@ class FrontProtocol(Protocol):
         if not self.busy:
             self.keep_alive = False
             self._close_gracefully()
+            return
+        if self.held is not None:
+            held, self.held = self.held, None
+            self.proxy.holding.release(held)
+            self.keep_alive = False
+            held.expire()
             return
         flight = self.pending
         answering = self.head_out or (self.exchange is not None and self.exchange.started)
@@ -536,12 +583,15 @@ class FrontFactory(Factory):
         max_body: int = MAX_BODY_BYTES,
         trusted_fronts: frozenset[str] = frozenset(),
         reap_interval: float = 5.0,
+        holding: MoveHolding | None = None,
     ) -> None:
         self.router = router
         self.pool = pool
         self.clock = clock
         self.health = health
         self.parking = parking
+        #: requests for queues a transparent move is switching
+        self.holding = holding or MoveHolding(router.table.store, clock, router.wall)
         self.park_timeout = park_timeout
         self.header_timeout = header_timeout
         #: e.g. "/internal/tornado/{port}": answer mapped GETs with X-Accel-Redirect
@@ -565,6 +615,7 @@ class FrontFactory(Factory):
     def stopFactory(self) -> None:
         if self._reaper.running:
             self._reaper.stop()
+        self.holding.stop()
 
     def drain(self) -> None:
         """kansas is stopping: answer what can be answered, close the rest.

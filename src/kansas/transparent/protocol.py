@@ -24,6 +24,9 @@ IMPORT_PATH = b"/api/internal/kansas/import"
 FINISH_PATH = b"/api/internal/kansas/finish"
 #: The longest a fence call may wait.
 MAX_FENCE_TIMEOUT = 30.0
+#: Queues per batch, and how long a batch may hold its clients' requests (seconds).
+DEFAULT_BATCH = 50
+DEFAULT_DEADLINE = 10.0
 
 _ID = re.compile(r"([0-9a-f]{1,32}):([1-9][0-9]{0,17})")
 

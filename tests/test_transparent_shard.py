@@ -224,6 +224,11 @@ def test_refusals() -> None:
     with pytest.raises(ShardError) as e:
         p.a.export("batch-2", [q.queue_id], lease=30)
     assert e.value.code == "QUEUE_MOVING"
+    # b has not yet received a notification a had applied before the freeze.
+    p.b.prepare("batch-0", lease=30)
+    with pytest.raises(ShardError) as e:
+        p.b.import_queues("batch-0", exported["queues"], Cut({ORIGIN: (3, frozenset())}))
+    assert e.value.code == "NOT_CAUGHT_UP"
     # A queue b holds already, not imported by this batch.
     p.b.prepare("batch-1", lease=30)
     p.b.queues[q.queue_id] = p.b.create_queue(7)

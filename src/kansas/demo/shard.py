@@ -587,6 +587,9 @@ class DemoShard:
         if recording.overflowed:
             raise ShardError(409, "RECORDING_OVERFLOW", f"Batch {batch} recorded too much")
         now = self.clock.seconds()
+        if not self.reception.covers(cut.high(), now):
+            # A notification the old shard had applied may still be on its way here.
+            raise ShardError(409, "NOT_CAUGHT_UP", "Notifications of the cut are still missing")
         try:
             queues = [EventQueue.from_export(state, now) for state in states]
         except (KeyError, TypeError, ValueError, AttributeError) as e:

@@ -40,6 +40,7 @@ from kansas.transparent.protocol import (
     FINISH_PATH,
     IMPORT_PATH,
     PREPARE_PATH,
+    Cut,
 )
 
 log = Logger()
@@ -265,6 +266,10 @@ class TransparentMover:
             if not marked:
                 raise _Nothing()
             exported = await client.export(old, batch.id, marked, self.deadline + LEASE_SLACK)
+            # The other way round: the new shard must have received every notification
+            # the old one had applied (the cut), or one could reach it again later.
+            left = batch.until - COMMIT_MARGIN - self.wall()
+            await client.fence(new, Cut.from_json(exported["cut"]).high(), max(0.1, left))
             imported = await client.import_(new, batch.id, exported["queues"], exported["cut"])
             if self.wall() > batch.until - COMMIT_MARGIN:
                 raise BatchFailed(f"batch took longer than its deadline ({self.deadline:g} s)")

@@ -117,6 +117,12 @@ class Cut:
         low, above = entry
         return bool(seq <= low or seq in above)
 
+    def high(self) -> dict[str, int]:
+        """Per origin, the highest seq in the cut: what the new shard must have received
+        before it imports (else a notification of the cut could still reach it later,
+        and be applied a second time)."""
+        return {o: max(low, *above) if above else low for o, (low, above) in self.origins.items()}
+
     def to_json(self) -> dict[str, Any]:
         return {o: {"low": low, "above": sorted(above)} for o, (low, above) in self.origins.items()}
 

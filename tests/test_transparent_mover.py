@@ -184,6 +184,19 @@ def test_a_failed_batch_rolls_back_and_the_move_resumes_later(w: World) -> None:
     assert all(w.events("b", u) == [(0, 1), (1, 2)] for u in w.queues)
 
 
+def test_a_user_moves_alone(w: World) -> None:
+    w.notify(1, [1, 2])
+    coro = move_transparently(
+        w.authority, w.store, w.client, w.clock, REALM, "b", user_id=1,  # type: ignore[arg-type]
+        settle=0, wall=w.wall,
+    )  # fmt: skip
+    assert run(w.clock, coro).moved == 1
+    assert w.route(1).shard == "b" and w.route(2).shard == "a"
+    assert w.events("b", 1) == [(0, 1)] and w.events("a", 2) == [(0, 1)]
+    assert w.authority.load().user_overrides[(REALM, 1)] == "b"
+    assert w.authority.load().realm_pins[REALM] == "a"
+
+
 def test_an_interrupted_batch_is_rolled_back_or_finished_by_the_next_run(w: World) -> None:
     mover = TransparentMover(w.authority, w.store, w.client, w.clock, REALM,  # type: ignore[arg-type]
                              wall=w.wall)  # fmt: skip

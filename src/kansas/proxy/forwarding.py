@@ -82,7 +82,7 @@ class QueueMoving(Exception):
 
 
 class EventRouter:
-    __slots__ = ("_moving", "directory", "table", "wall")
+    __slots__ = ("_moving", "directory", "fresh", "table", "wall")
 
     def __init__(
         self, table: RouteTable, directory: Directory, wall: Callable[[], float] = time.time
@@ -92,6 +92,9 @@ class EventRouter:
         self._moving = directory.current.moving_realms
         #: Unix time: the deadlines of transparent moves' markers are written in it.
         self.wall = wall
+        #: Routes just read from Redis for requests held by a transparent move, used
+        #: once instead of reading them again (kansas.transparent.holding).
+        self.fresh: dict[str, QueueRoute] = {}
 
     def assignment_changed(self, assignment: Assignment) -> None:
         """When a realm's move ends, its cached routes are dropped: one cached before an
@@ -105,6 +108,11 @@ class EventRouter:
         """The shard for a request on ``queue_id``: at once on a cache hit (unless its
         realm is being moved). Raises (or fails with) QueueInvalidated for a queue a
         move has invalidated, QueueMoving for one a transparent move is switching."""
+        if self.fresh:
+            fresh = self.fresh.pop(queue_id, None)
+            if fresh is not None:
+                self.table.remember(fresh)
+                return self._mapped(fresh, realm)
         route = self.table.cached(queue_id)
         if route is not None:
             if route.realm not in self.directory.current.moving_realms:

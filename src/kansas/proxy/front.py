@@ -29,6 +29,7 @@ from kansas.http.wire import (
     RequestParser,
     is_json,
 )
+from kansas.model import QueueRoute
 from kansas.proxy.backend import BackendPool, Exchange, Failed
 from kansas.proxy.forwarding import (
     EVENT_PATHS,
@@ -312,10 +313,15 @@ class FrontProtocol(Protocol):
         queue_id, method = e.route.queue_id, request.method
         query = request.target.partition(b"?")[2]
 
-        def resume() -> None:
+        def resume(route: QueueRoute | None) -> None:
             self.held = None
-            if not self.gone:
-                self._events(request, query)
+            if self.gone:
+                return
+            fresh = self.proxy.router.fresh
+            if route is not None:
+                fresh[queue_id] = route  # just read: no second Redis read
+            self._events(request, query)
+            fresh.pop(queue_id, None)
 
         def expire() -> None:
             self.held = None

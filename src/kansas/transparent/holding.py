@@ -35,7 +35,11 @@ class Held:
     __slots__ = ("expire", "live", "queue_id", "resume", "since", "timer")
 
     def __init__(
-        self, queue_id: str, since: float, resume: Callable[[], None], expire: Callable[[], None]
+        self,
+        queue_id: str,
+        since: float,
+        resume: Callable[[QueueRoute | None], None],
+        expire: Callable[[], None],
     ) -> None:
         self.queue_id = queue_id
         self.since = since
@@ -76,10 +80,15 @@ class MoveHolding:
         return self.clock.seconds() + max(0.0, route.moving_until - self.wall())  # type: ignore[no-any-return]
 
     def hold(
-        self, queue_id: str, deadline: float, resume: Callable[[], None], expire: Callable[[], None]
+        self,
+        queue_id: str,
+        deadline: float,
+        resume: Callable[[QueueRoute | None], None],
+        expire: Callable[[], None],
     ) -> Held:
-        """Hold a request on ``queue_id`` until its marker goes (``resume``) or until
-        ``deadline`` on the reactor's clock (``expire``)."""
+        """Hold a request on ``queue_id`` until its marker goes (``resume``, with the
+        mapping just read, None if it is gone) or until ``deadline`` on the reactor's
+        clock (``expire``)."""
         now = self.clock.seconds()
         held = Held(queue_id, now, resume, expire)
         held.timer = self.clock.callLater(max(0.0, deadline - now), self._expired, held)
@@ -136,7 +145,7 @@ class MoveHolding:
                 self.resumed += 1
                 released += 1
                 self._longest = max(self._longest, now - held.since)
-                held.resume()
+                held.resume(route)
         if released:
             log.info("move: {n} held request(s) routed again, the longest after {ms:.0f} ms",
                      n=released, ms=self._longest * 1000)  # fmt: skip

@@ -265,6 +265,7 @@ class TransparentMover:
             marked_at = self.clock.seconds()
             if not marked:
                 raise _Nothing()
+            await self.renew()  # a slow fence must not let the lock lapse mid-batch
             exported = await client.export(old, batch.id, marked, self.deadline + LEASE_SLACK)
             # The other way round: the new shard must have received every notification
             # the old one had applied (the cut), or one could reach it again later.

@@ -101,6 +101,8 @@ KEEPALIVE_IDLE_TIMEOUT = 3600.0
 STATE_VERSION = 1
 #: A moved queue's tombstone answers stale requests this long.
 TOMBSTONE_SECONDS = 600.0
+#: Pending connections the listening socket keeps (the kernel caps it at somaxconn).
+LISTEN_BACKLOG = 1024
 #: Notifications one move batch's recording may hold.
 MAX_RECORDED = 100_000
 
@@ -1135,7 +1137,9 @@ def listen(
     """Serve ``shard`` over HTTP; ``port=0`` picks a free port (see ``getHost().port``)."""
     # Site is a ServerFactory at runtime; its untyped base hides that from mypy.
     site = cast(ServerFactory, make_site(shard, cast(IReactorTime, reactor), die_on_import))
-    return reactor.listenTCP(port, site, interface=interface)
+    # Twisted's default backlog (50) overflows when a move batch sends dozens of held
+    # long-polls here at once: a dropped SYN costs the client a 1 s retransmission.
+    return reactor.listenTCP(port, site, backlog=LISTEN_BACKLOG, interface=interface)
 
 
 # -- CLI -----------------------------------------------------------------------

@@ -52,6 +52,8 @@ DEFAULT_FENCE_TIMEOUT = 10.0
 COMMIT_MARGIN = 1.0
 LEASE_SLACK = 10.0
 LOCK_SECONDS = 10.0
+#: A batch whose requests were held longer than this names its slowest shard call.
+SLOW_PAUSE = 0.25
 MAX_PASSES = 3
 
 #: Journal states.
@@ -173,6 +175,8 @@ class TransparentProgress:
     #: the batch could see, poll interval aside), seconds
     pauses: list[float] = field(default_factory=list)
     rolled_back: int = 0
+    #: the last batch's shard calls while requests were held: name -> seconds
+    steps: dict[str, float] = field(default_factory=dict)
 
 
 async def sleep(clock: IReactorTime, seconds: float) -> None:
@@ -266,12 +270,17 @@ class TransparentMover:
             if not marked:
                 raise _Nothing()
             await self.renew()  # a slow fence must not let the lock lapse mid-batch
+            steps = self.progress.steps = {}
+            step = self.clock.seconds()
             exported = await client.export(old, batch.id, marked, self.deadline + LEASE_SLACK)
+            steps[f"export on {old_name}"], step = self.clock.seconds() - step, self.clock.seconds()
             # The other way round: the new shard must have received every notification
             # the old one had applied (the cut), or one could reach it again later.
             left = batch.until - COMMIT_MARGIN - self.wall()
             await client.fence(new, Cut.from_json(exported["cut"]).high(), max(0.1, left))
+            steps[f"fence on {new_name}"], step = self.clock.seconds() - step, self.clock.seconds()
             imported = await client.import_(new, batch.id, exported["queues"], exported["cut"])
+            steps[f"import on {new_name}"] = self.clock.seconds() - step
             if self.wall() > batch.until - COMMIT_MARGIN:
                 raise BatchFailed(f"batch took longer than its deadline ({self.deadline:g} s)")
             batch.state = COMMITTED
@@ -365,9 +374,13 @@ async def move_transparently(
                     moved = await mover.run_batch(old, shard, ids)
                     authority.update_move(move.id, mover.progress.moved)
                     pause = mover.progress.pauses[-1] * 1000 if moved else 0.0
+                    slow = ""
+                    if pause > SLOW_PAUSE * 1000 and mover.progress.steps:
+                        name, took = max(mover.progress.steps.items(), key=lambda s: s[1])
+                        slow = f" (slowest: {name}, {took * 1000:.0f} ms)"
                     say(f"batch {number}/{len(groups)}: {moved} queue(s) {old} -> {shard} in "
                         f"{(clock.seconds() - started) * 1000:.0f} ms, requests held "
-                        f"{pause:.0f} ms; {mover.progress.moved} moved")  # fmt: skip
+                        f"{pause:.0f} ms{slow}; {mover.progress.moved} moved")  # fmt: skip
                     if number < len(groups):
                         await sleep(clock, interval)
         except BaseException:

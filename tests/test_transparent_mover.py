@@ -231,3 +231,21 @@ def test_an_interrupted_batch_is_rolled_back_or_finished_by_the_next_run(w: Worl
     assert w.route(1).shard == "b"
     assert not w.shards["b"].recordings and not w.shards["a"].freezes
     assert w.store.journal(REALM).result is None  # type: ignore[attr-defined]
+
+
+def test_ctl_needs_the_shards_secret(
+    postgres_dsn: str, redis_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: Any
+) -> None:
+    from kansas.ctl import main as ctl
+
+    monkeypatch.delenv("KANSAS_SHARD_SECRET", raising=False)
+    pg = ["--postgres", postgres_dsn, "--redis", redis_url]
+    assert ctl([*pg, "migrate"]) == 0
+    assert ctl([*pg, "shard", "add", "b", "http://127.0.0.1:9801"]) == 0
+    capsys.readouterr()
+    assert ctl([*pg, "realm", "move", REALM, "b", "--transparent"]) == 1
+    err = capsys.readouterr().err
+    assert err == "kansas-ctl: error: --transparent needs the shards' secret: --secret or " \
+        "KANSAS_SHARD_SECRET\n"  # fmt: skip
+    assert ctl([*pg, "user", "move", REALM, "7", "nowhere", "--transparent", "--secret", "s"]) == 1
+    assert "no shard named 'nowhere'" in capsys.readouterr().err

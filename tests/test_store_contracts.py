@@ -98,6 +98,39 @@ class RouteStoreContract:
         await store.release("move:x", "one")
         assert await store.acquire("move:x", "two", 10) is True
 
+    @pytest_twisted.ensureDeferred
+    async def test_transparent_move_markers_and_journal(self, store: IRouteStore) -> None:
+        for route in (A, B, C):
+            await store.put(route)
+        assert await store.get_many([A.queue_id, "never-there", C.queue_id]) == {
+            A.queue_id: A,
+            C.queue_id: C,
+        }
+        assert await store.get_many([]) == {}
+        assert await store.journal(A.realm) is None
+        until = 1764000000.25
+        # B is on another shard: not marked.
+        ids = [A.queue_id, B.queue_id, C.queue_id, "never-there"]
+        marked = await store.mark_moving(A.realm, '{"state":"marked"}', ids, "a", "b", until)
+        assert marked == [A.queue_id, C.queue_id]
+        assert await store.journal(A.realm) == '{"state":"marked"}'
+        got = await store.get(A.queue_id)
+        assert got is not None and got.moving_to == "b" and got.moving_until == until
+        assert got.moving(until - 1) and not got.moving(until)
+        assert got.shard == "a"
+        # Marking for another destination does not steal it; the same one is a no-op.
+        assert await store.mark_moving(A.realm, "j", [A.queue_id], "a", "c", until) == []
+        assert await store.mark_moving(A.realm, "j", [A.queue_id], "a", "b", until) == [A.queue_id]
+        # A commits to b, C rolls back to a; the journal goes.
+        changed = await store.end_moving(A.realm, None, [A.queue_id], "b", [C.queue_id])
+        assert changed == 2
+        assert await store.journal(A.realm) is None
+        assert await store.get(A.queue_id) == QueueRoute(A.queue_id, "b", A.realm, 7, 600)
+        assert await store.get(C.queue_id) == C
+        assert await store.end_moving(A.realm, "again", [A.queue_id], "b", []) == 0
+        assert await store.journal(A.realm) == "again"
+        assert [r.shard for r in await store.routes(A.realm)] == ["a", "b"]  # C, A
+
 
 class TestMemoryRouteStore(RouteStoreContract):
     @pytest.fixture

@@ -31,6 +31,7 @@ from kansas.router import place_queue, realm_home
 from kansas.schema import SCHEMA_VERSION
 from kansas.stores.interface import IAuthority
 from kansas.stores.postgres import PostgresAuthority
+from kansas.transparent.protocol import DEFAULT_BATCH, DEFAULT_DEADLINE
 from kansas.zulip_sharding import (
     DEFAULT_URL_TEMPLATE,
     apply_plan,
@@ -105,6 +106,29 @@ def _internal_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _transparent_options(parser: argparse.ArgumentParser, batch: bool) -> None:
+    parser.add_argument(
+        "--transparent", action="store_true",
+        help="move the queues themselves, without a page reload (docs/transparent-moves.md)",
+    )  # fmt: skip
+    if batch:
+        parser.add_argument(
+            "--batch", type=_positive_int,
+            help="move the users N at a time (piecewise), then pin; with --transparent: "
+            f"queues per batch [default {DEFAULT_BATCH}]",
+        )  # fmt: skip
+    parser.add_argument(
+        "--deadline", type=_positive_float, default=DEFAULT_DEADLINE,
+        help="--transparent: longest a batch may hold its clients' requests, seconds "
+        "[default %(default)s]",
+    )  # fmt: skip
+    parser.add_argument(
+        "--secret", default=os.environ.get("KANSAS_SHARD_SECRET"),
+        help="--transparent: the shards' shared secret (Zulip's SHARED_SECRET) "
+        "[env KANSAS_SHARD_SECRET]",
+    )  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kansas-ctl", description=__doc__.splitlines()[0] if __doc__ else "")
     parser.add_argument("--version", action="version", version=f"kansas {__version__}")
@@ -176,9 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     realm_move.add_argument("realm")
     realm_move.add_argument("shard")
     _reload_options(realm_move)
-    realm_move.add_argument(
-        "--batch", type=_positive_int, help="move the users N at a time (piecewise), then pin"
-    )
+    _transparent_options(realm_move, batch=True)
     realm_move.add_argument(
         "--interval", type=_nonnegative_float, default=0.0,
         help="seconds between batches [default %(default)s]",
@@ -231,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(by default they are invalidated at --reload-rate and the clients re-register)",
     )  # fmt: skip
     move.add_argument("--reload", dest="reload", action="store_true", help=argparse.SUPPRESS)
+    _transparent_options(move, batch=False)
 
     status = commands.add_parser(
         "status",
@@ -311,7 +334,7 @@ def _run(args: argparse.Namespace, out: Any) -> None:
             if not authority.unpin_realm(args.realm.lower()):
                 raise KansasError(f"realm {args.realm.lower()!r} has no pin")
             print(f"unpinned {args.realm.lower()}", file=out)
-        elif args.command == "user" and not args.reload:
+        elif args.command == "user" and not args.reload and not args.transparent:
             authority.move_user(args.realm.lower(), args.user_id, args.shard)
             print(f"user {args.user_id} of {args.realm.lower()} now goes to {args.shard}", file=out)
         elif args.command == "user":
@@ -393,6 +416,10 @@ def _move(authority: IAuthority, args: argparse.Namespace, out: Any) -> None:
     def say(line: str) -> None:
         print(line, file=out, flush=True)
 
+    if args.transparent:
+        _move_transparently(authority, args, realm, say)
+        return
+
     async def work(store: Any, reactor: Any) -> None:
         if args.command == "realm":
             say(f"moving {realm} to {args.shard}, reloading at {args.reload_rate:g}/s")
@@ -409,6 +436,35 @@ def _move(authority: IAuthority, args: argparse.Namespace, out: Any) -> None:
             say(f"user {args.user_id} of {realm} now goes to {args.shard}: {describe(progress)}")
 
     _with_redis(args.redis, "move queues in Redis", work)
+
+
+def _move_transparently(
+    authority: IAuthority, args: argparse.Namespace, realm: str, say: Any
+) -> None:
+    """``--transparent``: the queues move with their events; no client reloads."""
+    from kansas.transparent.mover import ShardClient, move_transparently
+    from kansas.transparent.mover import describe as describe_transparent
+
+    if not args.secret:
+        raise KansasError("--transparent needs the shards' secret: --secret or KANSAS_SHARD_SECRET")
+    user_id = args.user_id if args.command == "user" else None
+    batch = getattr(args, "batch", None) or DEFAULT_BATCH
+    who = realm if user_id is None else f"user {user_id} of {realm}"
+
+    async def work(store: Any, reactor: Any) -> None:
+        client = ShardClient(reactor, args.secret)
+        say(f"moving {who} to {args.shard} transparently, {batch} queue(s) per batch")
+        try:
+            progress = await move_transparently(
+                authority, store, client, reactor, realm, args.shard, user_id=user_id,
+                batch=batch, interval=getattr(args, "interval", 0.0), deadline=args.deadline,
+                settle=args.settle, say=say,
+            )  # fmt: skip
+        finally:
+            client.close()
+        say(f"moved {who} to {args.shard}: {describe_transparent(progress)}")
+
+    _with_redis(args.redis, "move queues", work)
 
 
 def _drain(authority: IAuthority, args: argparse.Namespace, out: Any) -> None:

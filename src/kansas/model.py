@@ -135,6 +135,14 @@ class QueueRoute:
     timeout: int = DEFAULT_QUEUE_TIMEOUT
     #: Invalidated by a move: the next request gets BAD_EVENT_QUEUE_ID from kansas.
     invalid: bool = False
+    #: A transparent move is switching the queue to this shard: requests on it are held
+    #: until the marker goes, or until ``moving_until`` (Unix time) passes.
+    moving_to: str | None = None
+    moving_until: float = 0.0
+
+    def moving(self, now: float) -> bool:
+        """True while a transparent move holds requests on this queue (``now``: Unix time)."""
+        return self.moving_to is not None and now < self.moving_until
 
     def to_json(self) -> str:
         data: dict[str, object] = {
@@ -145,11 +153,16 @@ class QueueRoute:
         }
         if self.invalid:
             data["invalid"] = True
+        if self.moving_to is not None:
+            data["moving"] = {"to": self.moving_to, "until": self.moving_until}
         return json.dumps(data, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, queue_id: str, raw: str | bytes) -> QueueRoute:
         data = json.loads(raw)
+        moving = data.get("moving")
+        if not isinstance(moving, dict):
+            moving = {}
         return cls(
             queue_id=queue_id,
             shard=str(data["shard"]),
@@ -157,6 +170,8 @@ class QueueRoute:
             user_id=None if data.get("user") is None else int(data["user"]),
             timeout=int(data.get("timeout", DEFAULT_QUEUE_TIMEOUT)),
             invalid=data.get("invalid") is True,
+            moving_to=None if moving.get("to") is None else str(moving["to"]),
+            moving_until=float(moving.get("until", 0.0)),
         )
 
 

@@ -73,6 +73,10 @@ class RouteTable:
             del cache[next(iter(cache))]  # oldest first: dicts keep insertion order
         cache[route.queue_id] = [route, self._clock.seconds()]
 
+    def remember(self, route: QueueRoute) -> None:
+        """Cache a route just read from the store by someone else (no write)."""
+        self._remember(route)
+
     def _store_failed(self, failure: Failure, what: str) -> None:
         self.store_errors += 1
         log.warn("route store {what} failed: {err}", what=what, err=failure.getErrorMessage())

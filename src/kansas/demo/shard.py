@@ -7,6 +7,10 @@ on ``POST /api/internal/notify_tornado`` and ``POST /api/internal/web_reload_cli
 ``GET /demo/queues`` (local callers only) is an addition for tests: it shows which
 queues this shard holds.
 
+It is also the reference implementation of the shard side of transparent queue moves
+(``/api/internal/kansas/{prepare,fence,export,import,finish}``, and the
+``X-Kansas-Notification`` id of each notification): see docs/transparent-moves.md.
+
 Internal endpoints need the form field ``secret`` (``--secret``, default
 ``DEFAULT_SECRET``) and a local caller. Like Tornado behind nginx, the caller's address
 is taken from ``X-Real-Ip``, else the last ``X-Forwarded-For`` entry, else the peer:
@@ -36,6 +40,7 @@ import json
 import os
 import random
 import re
+import signal
 import sys
 import tempfile
 import uuid
@@ -70,6 +75,19 @@ from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
+from kansas.transparent.protocol import (
+    EXPORT_PATH,
+    FENCE_PATH,
+    FINISH_PATH,
+    IMPORT_PATH,
+    MAX_FENCE_TIMEOUT,
+    NOTIFICATION_HEADER,
+    PREPARE_PATH,
+    Cut,
+    Reception,
+    parse_notification_id,
+)
+
 JSONDict = dict[str, Any]
 
 DEFAULT_SECRET = "kansas-demo-secret"
@@ -81,6 +99,12 @@ HEARTBEAT_MAX_SECS = 55.0
 # Tornado's default idle keep-alive timeout; kansas pools connections to shards.
 KEEPALIVE_IDLE_TIMEOUT = 3600.0
 STATE_VERSION = 1
+#: A moved queue's tombstone answers stale requests this long.
+TOMBSTONE_SECONDS = 600.0
+#: Pending connections the listening socket keeps (the kernel caps it at somaxconn).
+LISTEN_BACKLOG = 1024
+#: Notifications one move batch's recording may hold.
+MAX_RECORDED = 100_000
 
 EVENTS_PATHS = (b"/json/events", b"/api/v1/events")
 INTERNAL_EVENTS_PATH = b"/api/v1/events/internal"
@@ -155,6 +179,8 @@ class EventQueue:
     next_event_id: int = 0
     events: list[JSONDict] = field(default_factory=list)
     parked: _Parked | None = None
+    #: The move batch that froze it (see docs/transparent-moves.md), if any.
+    frozen_by: str | None = None
 
     def accepts(self, event: JSONDict) -> bool:
         return self.event_types is None or event.get("type") in self.event_types
@@ -184,6 +210,19 @@ class EventQueue:
             "events": self.events,
         }
 
+    def to_export(self, now: float) -> JSONDict:
+        state = copy.deepcopy(self.to_state())
+        del state["last_connection"]
+        # The importing host's clock may differ: send how long ago, not when.
+        state["idle_seconds"] = max(0.0, now - self.last_connection)
+        return state
+
+    @classmethod
+    def from_export(cls, state: JSONDict, now: float) -> EventQueue:
+        state = dict(state)
+        state["last_connection"] = now - float(state.get("idle_seconds", 0.0))
+        return cls.from_state(state, now)
+
     @classmethod
     def from_state(cls, state: JSONDict, now: float) -> EventQueue:
         events = state["events"]
@@ -205,6 +244,36 @@ class EventQueue:
             next_event_id=int(state["next_event_id"]),
             events=events,
         )
+
+
+Notification = tuple[tuple[str, int] | None, JSONDict, dict[int, Any]]
+
+
+@dataclass(eq=False)
+class _Recording:
+    """A move batch on its new shard: every notification received since ``prepare``."""
+
+    seen: dict[str, int]
+    lease: IDelayedCall
+    notifications: list[Notification] = field(default_factory=list)
+    overflowed: bool = False
+    imported: list[str] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Freeze:
+    """A move batch on its old shard: the queues it froze, their state and the cut."""
+
+    queues: list[JSONDict]
+    cut: Cut
+    lease: IDelayedCall
+
+
+@dataclass(eq=False)
+class _Fence:
+    wanted: dict[str, int]
+    deferred: Deferred[JSONDict]
+    timer: IDelayedCall | None = None
 
 
 class DemoShard:
@@ -231,6 +300,12 @@ class DemoShard:
         # Insertion-ordered, so web_reload_clients and listings are deterministic.
         self.queues: dict[str, EventQueue] = {}
         self._gc_loop: LoopingCall | None = None
+        # Transparent moves (docs/transparent-moves.md).
+        self.reception = Reception()
+        self.recordings: dict[str, _Recording] = {}
+        self.freezes: dict[str, _Freeze] = {}
+        self.tombstones: dict[str, float] = {}  # moved queue id -> until when
+        self._fences: list[_Fence] = []
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -311,14 +386,21 @@ class DemoShard:
         (client disconnected): that unparks it. It fails with ShardError if the queue
         is deleted, and with CancelledError if the shard stops, while it is parked.
         """
+        if queue_id not in self.queues and queue_id in self.tombstones:
+            # Moved away: a stale route. "Poll again", and kansas routes it anew.
+            return succeed(success(events=[], queue_id=queue_id))
         queue = self.get_queue(queue_id, user_profile_id)
         queue.last_connection = self.clock.seconds()
         if last_event_id is not None:
+            # Also while frozen: the export is a copy, and the new shard prunes on the
+            # client's next GET; a rollback then finds the queue pruned.
             queue.prune(last_event_id)
         if queue.parked is not None:
             # Only one long-poll per queue: the newer one wins.
             self._complete(queue, events=[])
-        if queue.events or dont_block:
+        if queue.frozen_by is not None and dont_block:
+            return succeed(success(events=[], queue_id=queue_id))
+        if queue.frozen_by is None and (queue.events or dont_block):
             return succeed(success(events=list(queue.events)))
 
         def cancel(d: Deferred[JSONDict]) -> None:
@@ -336,6 +418,8 @@ class DemoShard:
         return deferred
 
     def delete_queue(self, queue_id: str) -> None:
+        if queue_id not in self.queues and queue_id in self.tombstones:
+            return
         queue = self.get_queue(queue_id)
         del self.queues[queue_id]
         parked = self._unpark(queue)
@@ -355,6 +439,8 @@ class DemoShard:
         return parked
 
     def _complete(self, queue: EventQueue, events: list[JSONDict] | None = None) -> None:
+        if queue.frozen_by is not None and events is None:
+            return  # events that arrive while frozen are kept for a rollback, not sent
         parked = self._unpark(queue)
         if parked is not None:
             reply_events = list(queue.events) if events is None else events
@@ -363,13 +449,22 @@ class DemoShard:
     def _heartbeat(self, queue: EventQueue, deferred: Deferred[JSONDict]) -> None:
         if queue.parked is None or queue.parked.deferred is not deferred:
             return
+        if queue.frozen_by is not None:
+            self._complete(queue, events=[])  # no event id may be used while frozen
+            return
         queue.add_event({"type": "heartbeat"})
         self._complete(queue)
 
     # -- events -------------------------------------------------------------
 
-    def notify(self, event: JSONDict, users: Iterable[int | JSONDict]) -> int:
-        """Deliver ``event`` to every queue of ``users``; return how many got it."""
+    def notify(
+        self,
+        event: JSONDict,
+        users: Iterable[int | JSONDict],
+        notification_id: tuple[str, int] | None = None,
+    ) -> int:
+        """Deliver ``event`` to every queue of ``users``; return how many got it.
+        ``notification_id``: kansas's ``(origin, seq)`` for it, if stamped."""
         flags_by_user: dict[int, Any] = {}
         for user in users:
             # Zulip's message events list users as {"id": N, "flags": [...]}.
@@ -379,16 +474,177 @@ class DemoShard:
                 flags_by_user[int(user)] = None
         delivered = 0
         for queue in list(self.queues.values()):
-            if queue.user_profile_id not in flags_by_user or not queue.accepts(event):
-                continue
-            per_user = event
-            flags = flags_by_user[queue.user_profile_id]
-            if flags is not None:
-                per_user = {**event, "flags": flags}
-            queue.add_event(per_user)
-            self._complete(queue)
-            delivered += 1
+            if self._deliver(queue, event, flags_by_user):
+                delivered += 1
+        for recording in self.recordings.values():
+            if len(recording.notifications) >= MAX_RECORDED:
+                recording.overflowed = True
+            else:
+                recording.notifications.append((notification_id, event, flags_by_user))
+        if notification_id is not None:
+            self.reception.receive(*notification_id, self.clock.seconds())
+            self._check_fences()
         return delivered
+
+    def _deliver(self, queue: EventQueue, event: JSONDict, flags_by_user: dict[int, Any]) -> bool:
+        if queue.user_profile_id not in flags_by_user or not queue.accepts(event):
+            return False
+        per_user = event
+        flags = flags_by_user[queue.user_profile_id]
+        if flags is not None:
+            per_user = {**event, "flags": flags}
+        queue.add_event(per_user)
+        self._complete(queue)
+        return True
+
+    # -- transparent moves (docs/transparent-moves.md) --------------------------
+
+    def prepare(self, batch: str, lease: float) -> dict[str, int]:
+        """New shard: start recording notifications for ``batch``; the fence target."""
+        recording = self.recordings.get(batch)
+        if recording is not None:
+            recording.lease.reset(lease)
+            return recording.seen
+        timer = self.clock.callLater(lease, self._lease_over, batch)
+        self.recordings[batch] = _Recording(self.reception.seen(), timer)
+        return self.recordings[batch].seen
+
+    def fence(self, wanted: dict[str, int], timeout: float) -> Deferred[JSONDict]:
+        """Old shard: fires once every notification up to ``wanted`` has been applied."""
+        fence = _Fence(wanted, Deferred())
+        self._fences.append(fence)
+        fence.timer = self.clock.callLater(timeout, self._fence_timeout, fence)
+        self._check_fences()
+        return fence.deferred
+
+    def _check_fences(self) -> None:
+        if not self._fences:
+            return
+        now = self.clock.seconds()
+        for fence in list(self._fences):
+            if self.reception.covers(fence.wanted, now):
+                self._end_fence(fence)
+                fence.deferred.callback(success(received=self.reception.watermarks(now)))
+
+    def _end_fence(self, fence: _Fence) -> None:
+        self._fences.remove(fence)
+        if fence.timer is not None and fence.timer.active():
+            fence.timer.cancel()
+
+    def _fence_timeout(self, fence: _Fence) -> None:
+        fence.timer = None
+        if fence not in self._fences:
+            return
+        now = self.clock.seconds()
+        if self.reception.covers(fence.wanted, now):  # a gap may have just been skipped
+            self._check_fences()
+            return
+        self._end_fence(fence)
+        received = self.reception.watermarks(now)
+        missing = ShardError(
+            409, "FENCE_TIMEOUT", "Notifications are still missing",
+            received=received, wanted=fence.wanted,
+        )  # fmt: skip
+        fence.deferred.errback(missing)
+
+    def export(self, batch: str, queue_ids: list[str], lease: float) -> JSONDict:
+        """Old shard: freeze these queues for ``batch`` and return their state."""
+        freeze = self.freezes.get(batch)
+        if freeze is not None:
+            frozen = {q["queue_id"] for q in freeze.queues}
+            extra = [q for q in queue_ids if q in self.queues and q not in frozen]
+            if extra:
+                raise ShardError(409, "BATCH_EXPORTED", f"Batch {batch} is exported already")
+            freeze.lease.reset(lease)
+        else:
+            busy = [
+                q for q in queue_ids if q in self.queues and self.queues[q].frozen_by is not None
+            ]
+            if busy:
+                raise ShardError(409, "QUEUE_MOVING", f"Queue {busy[0]} is being moved")
+            now = self.clock.seconds()
+            states = []
+            for queue_id in dict.fromkeys(queue_ids):
+                queue = self.queues.get(queue_id)
+                if queue is None:
+                    continue
+                states.append(queue.to_export(now))
+                queue.frozen_by = batch
+                self._complete(queue, events=[])  # its long-poll: "poll again"
+            timer = self.clock.callLater(lease, self._lease_over, batch)
+            freeze = self.freezes[batch] = _Freeze(states, self.reception.cut(now), timer)
+        held = {q["queue_id"] for q in freeze.queues}
+        return success(
+            queues=freeze.queues,
+            missing=[q for q in queue_ids if q not in held and q not in self.tombstones],
+            moved=[q for q in queue_ids if q not in held and q in self.tombstones],
+            cut=freeze.cut.to_json(),
+        )
+
+    def import_queues(self, batch: str, states: list[JSONDict], cut: Cut) -> list[str]:
+        """New shard: rebuild the queues of ``batch`` and merge what was recorded."""
+        recording = self.recordings.get(batch)
+        if recording is None:
+            raise ShardError(409, "NOT_PREPARED", f"Batch {batch} is not prepared here")
+        if recording.overflowed:
+            raise ShardError(409, "RECORDING_OVERFLOW", f"Batch {batch} recorded too much")
+        now = self.clock.seconds()
+        if not self.reception.covers(cut.high(), now):
+            # A notification the old shard had applied may still be on its way here.
+            raise ShardError(409, "NOT_CAUGHT_UP", "Notifications of the cut are still missing")
+        try:
+            queues = [EventQueue.from_export(state, now) for state in states]
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise bad_request(f"Bad value for 'queues': {e!r}") from e
+        for queue in queues:
+            if queue.queue_id in self.queues and queue.queue_id not in recording.imported:
+                raise ShardError(409, "QUEUE_EXISTS", f"Queue {queue.queue_id} exists here")
+        for queue in queues:
+            if queue.queue_id in self.queues:
+                continue  # imported by this batch already
+            for notification_id, event, flags_by_user in recording.notifications:
+                if notification_id is None or notification_id not in cut:
+                    self._deliver(queue, event, flags_by_user)
+            self.queues[queue.queue_id] = queue
+            self.tombstones.pop(queue.queue_id, None)
+            recording.imported.append(queue.queue_id)
+        return [q.queue_id for q in queues]
+
+    def finish(self, batch: str, commit: bool) -> list[str]:
+        """Either shard: end ``batch``; the queue ids it acted on."""
+        done: list[str] = []
+        freeze = self.freezes.pop(batch, None)
+        if freeze is not None:
+            if freeze.lease.active():
+                freeze.lease.cancel()
+            for state in freeze.queues:
+                queue = self.queues.get(state["queue_id"])
+                if queue is None or queue.frozen_by != batch:
+                    continue
+                done.append(queue.queue_id)
+                queue.frozen_by = None
+                if commit:
+                    del self.queues[queue.queue_id]
+                    self.tombstones[queue.queue_id] = self.clock.seconds() + TOMBSTONE_SECONDS
+                    self._complete(queue, events=[])
+                elif queue.events:
+                    self._complete(queue)
+        recording = self.recordings.pop(batch, None)
+        if recording is not None:
+            if recording.lease.active():
+                recording.lease.cancel()
+            for queue_id in recording.imported:
+                done.append(queue_id)
+                queue = self.queues.get(queue_id)
+                if not commit and queue is not None:
+                    del self.queues[queue_id]
+                    self._complete(queue, events=[])
+        return done
+
+    def _lease_over(self, batch: str) -> None:
+        if batch in self.freezes or batch in self.recordings:
+            log.warn("move batch {batch} was not finished in time: rolled back here", batch=batch)
+            self.finish(batch, commit=False)
 
     def web_reload_clients(self, client_count: int | None, immediate: bool) -> tuple[int, bool]:
         """Ask up to ``client_count`` web clients to reload; return (sent, complete).
@@ -416,10 +672,13 @@ class DemoShard:
         expired = [
             q.queue_id
             for q in self.queues.values()
-            if q.parked is None and now - q.last_connection > q.timeout
+            if q.parked is None and q.frozen_by is None and now - q.last_connection > q.timeout
         ]
         for queue_id in expired:
             del self.queues[queue_id]
+        for queue_id, until in list(self.tombstones.items()):
+            if until <= now:
+                del self.tombstones[queue_id]
         return expired
 
     # -- introspection and persistence -------------------------------------
@@ -433,6 +692,8 @@ class DemoShard:
                     "user_profile_id": q.user_profile_id,
                     "pending": len(q.events),
                     "parked": q.parked is not None,
+                    # only while a move batch has it frozen
+                    **({"frozen": True} if q.frozen_by is not None else {}),
                 }
                 for q in self.queues.values()
             ],
@@ -586,6 +847,23 @@ def _json_arg(form: dict[str, str], name: str) -> Any:
         raise bad_request(f"Bad value for '{name}': {value}") from e
 
 
+def _batch_arg(form: dict[str, str]) -> str:
+    batch = form.get("batch")
+    if not batch or len(batch) > 200:
+        raise bad_request("Missing or bad 'batch' argument")
+    return batch
+
+
+def _seconds_arg(form: dict[str, str], name: str) -> float:
+    try:
+        value = float(form.get(name, ""))
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 3600:
+        raise bad_request(f"Bad value for '{name}': seconds, > 0")
+    return value
+
+
 def _queue_id_arg(form: dict[str, str]) -> str:
     queue_id = form.get("queue_id")
     if not queue_id:
@@ -612,9 +890,11 @@ class ShardResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, shard: DemoShard) -> None:
+    def __init__(self, shard: DemoShard, die_on_import: int | None = None) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.shard = shard
+        self.shard_die_on_import = die_on_import
+        self.imports = 0
 
     def render(self, request: http.Request) -> bytes | int:
         return self.render_request(cast(HTTPRequest, request))
@@ -637,6 +917,11 @@ class ShardResource(Resource):
             NOTIFY_PATH: {b"POST": self._notify},
             WEB_RELOAD_PATH: {b"POST": self._web_reload},
             DEMO_QUEUES_PATH: {b"GET": self._demo_queues},
+            PREPARE_PATH: {b"POST": self._prepare},
+            FENCE_PATH: {b"POST": self._fence},
+            EXPORT_PATH: {b"POST": self._export},
+            IMPORT_PATH: {b"POST": self._import},
+            FINISH_PATH: {b"POST": self._finish},
         }
         for events_path in EVENTS_PATHS:
             routes[events_path] = {b"GET": self._get_events, b"DELETE": self._delete}
@@ -718,8 +1003,9 @@ class ShardResource(Resource):
         event, users = data.get("event"), data.get("users")
         if not isinstance(event, dict) or not isinstance(users, list):
             raise bad_request("Bad value for 'data': needs 'event' and 'users'")
+        notification_id = parse_notification_id(request.getHeader(NOTIFICATION_HEADER))
         try:
-            self.shard.notify(event, users)
+            self.shard.notify(event, users, notification_id)
         except (KeyError, TypeError, ValueError) as e:
             raise bad_request("Bad value for 'data': bad 'users'") from e
         return _json_bytes(request, 200, success())
@@ -730,6 +1016,55 @@ class ShardResource(Resource):
             _int_arg(form, "client_count"), _bool_arg(form, "immediate", False)
         )
         return _json_bytes(request, 200, success(sent_events=sent, complete=complete))
+
+    # -- transparent moves ------------------------------------------------------
+
+    def _prepare(self, request: HTTPRequest) -> bytes | int:
+        form = self._internal_form(request)
+        seen = self.shard.prepare(_batch_arg(form), _seconds_arg(form, "lease"))
+        return _json_bytes(request, 200, success(seen=seen))
+
+    def _fence(self, request: HTTPRequest) -> bytes | int:
+        form = self._internal_form(request)
+        wanted = _json_arg(form, "seen")
+        if not isinstance(wanted, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in wanted.values()
+        ):
+            raise bad_request("Bad value for 'seen'")
+        timeout = min(_seconds_arg(form, "timeout"), MAX_FENCE_TIMEOUT)
+        return self._reply_when_done(request, self.shard.fence(wanted, timeout))
+
+    def _export(self, request: HTTPRequest) -> bytes | int:
+        form = self._internal_form(request)
+        queue_ids = _json_arg(form, "queues")
+        if not isinstance(queue_ids, list) or not all(isinstance(q, str) for q in queue_ids):
+            raise bad_request("Bad value for 'queues'")
+        reply = self.shard.export(_batch_arg(form), queue_ids, _seconds_arg(form, "lease"))
+        return _json_bytes(request, 200, reply)
+
+    def _import(self, request: HTTPRequest) -> bytes | int:
+        form = self._internal_form(request)
+        self.imports += 1
+        if self.imports == self.shard_die_on_import:
+            # Fault injection for tests: die like a SIGKILLed Tornado, mid-batch.
+            os.kill(os.getpid(), signal.SIGKILL)
+        states = _json_arg(form, "queues")
+        if not isinstance(states, list) or not all(isinstance(q, dict) for q in states):
+            raise bad_request("Bad value for 'queues'")
+        try:
+            cut = Cut.from_json(_json_arg(form, "cut"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise bad_request("Bad value for 'cut'") from e
+        imported = self.shard.import_queues(_batch_arg(form), states, cut)
+        return _json_bytes(request, 200, success(imported=imported))
+
+    def _finish(self, request: HTTPRequest) -> bytes | int:
+        form = self._internal_form(request)
+        outcome = form.get("outcome")
+        if outcome not in ("commit", "abort"):
+            raise bad_request("Bad value for 'outcome': commit or abort")
+        done = self.shard.finish(_batch_arg(form), outcome == "commit")
+        return _json_bytes(request, 200, success(done=done))
 
     def _demo_queues(self, request: HTTPRequest) -> bytes | int:
         if not is_local(request):
@@ -779,10 +1114,12 @@ class _QuietSite(Site):
         pass
 
 
-def make_site(shard: DemoShard, reactor: IReactorTime | None = None) -> Site:
+def make_site(
+    shard: DemoShard, reactor: IReactorTime | None = None, die_on_import: int | None = None
+) -> Site:
     # Site's constructor is untyped in Twisted.
     return _QuietSite(  # type: ignore[no-untyped-call]
-        ShardResource(shard),
+        ShardResource(shard, die_on_import),
         logPath=None,
         timeout=KEEPALIVE_IDLE_TIMEOUT,
         reactor=reactor,
@@ -791,12 +1128,18 @@ def make_site(shard: DemoShard, reactor: IReactorTime | None = None) -> Site:
 
 
 def listen(
-    shard: DemoShard, reactor: IReactorTCP, port: int = 0, interface: str = "127.0.0.1"
+    shard: DemoShard,
+    reactor: IReactorTCP,
+    port: int = 0,
+    interface: str = "127.0.0.1",
+    die_on_import: int | None = None,
 ) -> IListeningPort:
     """Serve ``shard`` over HTTP; ``port=0`` picks a free port (see ``getHost().port``)."""
     # Site is a ServerFactory at runtime; its untyped base hides that from mypy.
-    site = cast(ServerFactory, make_site(shard, cast(IReactorTime, reactor)))
-    return reactor.listenTCP(port, site, interface=interface)
+    site = cast(ServerFactory, make_site(shard, cast(IReactorTime, reactor), die_on_import))
+    # Twisted's default backlog (50) overflows when a move batch sends dozens of held
+    # long-polls here at once: a dropped SYN costs the client a 1 s retransmission.
+    return reactor.listenTCP(port, site, backlog=LISTEN_BACKLOG, interface=interface)
 
 
 # -- CLI -----------------------------------------------------------------------
@@ -841,6 +1184,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--idle-timeout", type=_positive_float, default=DEFAULT_IDLE_TIMEOUT)
     parser.add_argument("--gc-interval", type=_positive_float, default=DEFAULT_GC_INTERVAL)
     parser.add_argument("--name", help="shard name (default: shard-PORT)")
+    parser.add_argument(
+        "--die-on-import",
+        type=int,
+        metavar="N",
+        help="testing aid: SIGKILL itself on the N-th move import call (a crash mid-batch)",
+    )
     return parser.parse_args(argv)
 
 
@@ -865,7 +1214,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         except (OSError, ValueError) as e:
             sys.exit(f"demo shard: cannot load state file {state_file}: {e}")
     try:
-        port = listen(shard, cast(IReactorTCP, reactor), args.port, args.interface)
+        port = listen(
+            shard, cast(IReactorTCP, reactor), args.port, args.interface, args.die_on_import
+        )
     except CannotListenError as e:
         sys.exit(f"demo shard: cannot listen on {args.interface}:{args.port}: {e.socketError}")
     if loaded and state_file is not None:

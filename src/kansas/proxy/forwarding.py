@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol as TypingProtocol
 
@@ -73,13 +75,29 @@ class QueueInvalidated(Exception):
         self.shard = shard  # the old shard, if still registered
 
 
-class EventRouter:
-    __slots__ = ("_moving", "directory", "table")
+class QueueMoving(Exception):
+    """A transparent move is switching this queue to another shard: hold the request
+    until the switch is committed or rolled back (``kansas.transparent.holding``)."""
 
-    def __init__(self, table: RouteTable, directory: Directory) -> None:
+    def __init__(self, route: QueueRoute) -> None:
+        super().__init__(route.queue_id)
+        self.route = route
+
+
+class EventRouter:
+    __slots__ = ("_moving", "directory", "fresh", "table", "wall")
+
+    def __init__(
+        self, table: RouteTable, directory: Directory, wall: Callable[[], float] = time.time
+    ) -> None:
         self.table = table
         self.directory = directory
         self._moving = directory.current.moving_realms
+        #: Unix time: the deadlines of transparent moves' markers are written in it.
+        self.wall = wall
+        #: Routes just read from Redis for requests held by a transparent move, used
+        #: once instead of reading them again (kansas.transparent.holding).
+        self.fresh: dict[str, QueueRoute] = {}
 
     def assignment_changed(self, assignment: Assignment) -> None:
         """When a realm's move ends, its cached routes are dropped: one cached before an
@@ -92,8 +110,13 @@ class EventRouter:
     def route(self, queue_id: str, realm: str) -> Target | Deferred[Target]:
         """The shard for a request on ``queue_id``: at once on a cache hit (unless its
         realm is being moved). Raises (or fails with) QueueInvalidated for a queue a
-        move has invalidated."""
+        move has invalidated, QueueMoving for one a transparent move is switching."""
         table = self.table
+        if self.fresh:
+            fresh = self.fresh.pop(queue_id, None)
+            if fresh is not None:
+                table.remember(fresh)
+                return self._mapped(fresh, realm)
         route = table.cached(queue_id)
         if route is not None:
             table.hits += 1
@@ -110,6 +133,9 @@ class EventRouter:
     def _mapped(self, route: QueueRoute, realm: str) -> Target:
         if route.invalid:
             raise QueueInvalidated(route, self.directory.current.shards.get(route.shard))
+        if route.moving_to is not None and route.moving(self.wall()):
+            self.table.uncache(route.queue_id)  # read from Redis again after the switch
+            raise QueueMoving(route)
         shard = self.directory.current.shards.get(route.shard)
         if shard is None:
             # The mapping names a shard that is no longer registered: the queue cannot

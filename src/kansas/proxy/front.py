@@ -29,6 +29,7 @@ from kansas.http.wire import (
     RequestParser,
     is_json,
 )
+from kansas.model import QueueRoute
 from kansas.observe.recorder import INVALIDATED, RequestRecorder
 from kansas.observe.request_id import HEADER as REQUEST_ID_HEADER
 from kansas.observe.request_id import LOWER as REQUEST_ID_LOWER
@@ -41,6 +42,7 @@ from kansas.proxy.forwarding import (
     EventRouter,
     NoShard,
     QueueInvalidated,
+    QueueMoving,
     Target,
     downstream_headers,
     upstream_head,
@@ -48,6 +50,7 @@ from kansas.proxy.forwarding import (
 from kansas.proxy.parking import Parked, Parking
 from kansas.proxy.sending import has_unread, send_now
 from kansas.router import realm_from_host, valid_realm
+from kansas.transparent.holding import Held, MoveHolding
 
 log = Logger()
 
@@ -108,6 +111,7 @@ class FrontProtocol(Protocol):
         "gone",
         "head_out",
         "head_since",
+        "held",
         "idle_since",
         "in_loop",
         "keep_alive",
@@ -148,6 +152,7 @@ class FrontProtocol(Protocol):
         #: (queue, realm, shard, rule) of an answer kansas made itself about a queue
         #: (rare: set there, used and cleared when the request is recorded)
         self.note: tuple[str, str, str, str] | None = None
+        self.held: Held | None = None  # waiting for a transparent move's switch
         self.arrived = 0.0
         # -- what the access log and the metrics need (kansas.observe) --
         self.method = b""
@@ -177,6 +182,9 @@ class FrontProtocol(Protocol):
         if self.parked is not None:
             self.proxy.parking.unpark(self.parked)  # at once: a parked client costs memory
             self.parked = None
+        if self.held is not None:
+            self.proxy.holding.release(self.held)
+            self.held = None
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
             exchange.cancel()  # the shard drops the parked request with the connection
@@ -325,6 +333,9 @@ class FrontProtocol(Protocol):
         except QueueInvalidated as e:
             self._invalidated(e, request)
             return
+        except QueueMoving as e:
+            self._hold(e, request)
+            return
         if isinstance(target, Deferred):
             target.addCallbacks(
                 self._forward,
@@ -355,6 +366,39 @@ class FrontProtocol(Protocol):
                                  rid)  # fmt: skip
             self.proxy.pool.send(e.shard.address, head, _DISCARD_SINK, True)
 
+    def _hold(self, e: QueueMoving, request: Request) -> None:
+        """A transparent move is switching the queue: wait for its commit or rollback,
+        then route the request again; a GET still waiting at the batch's deadline gets
+        the empty success (the client polls again)."""
+        holding = self.proxy.holding
+        now = self.proxy.clock.seconds()
+        deadline = min(holding.deadline(e.route), now + self.proxy.park_timeout,
+                       self.arrived + CLIENT_PATIENCE_SECONDS)  # fmt: skip
+        queue_id, method = e.route.queue_id, request.method
+        query = request.target.partition(b"?")[2]
+
+        def resume(route: QueueRoute | None) -> None:
+            self.held = None
+            if self.gone:
+                return
+            fresh = self.proxy.router.fresh
+            if route is not None:
+                fresh[queue_id] = route  # just read: no second Redis read
+            self._events(request, query)
+            fresh.pop(queue_id, None)
+
+        def expire() -> None:
+            self.held = None
+            if method == b"GET":
+                self._empty_success(queue_id)
+                return
+            msg = "The queue is being moved; try again"
+            retry = ((b"Retry-After", b"1"),)
+            self._reply(error_response(503, msg, "SHARD_UNAVAILABLE", self.keep_alive, retry),
+                        self.keep_alive)  # fmt: skip
+
+        self.held = holding.hold(queue_id, deadline, resume, expire)
+
     def _route_failed(self, failure: Failure, realm: str, request: Request) -> None:
         if self.gone:
             return
@@ -363,6 +407,9 @@ class FrontProtocol(Protocol):
             return
         if isinstance(failure.value, QueueInvalidated):
             self._invalidated(failure.value, request)
+            return
+        if isinstance(failure.value, QueueMoving):
+            self._hold(failure.value, request)
             return
         log.failure("routing failed", failure)
         ka = self.keep_alive
@@ -434,6 +481,12 @@ class FrontProtocol(Protocol):
         if not self.busy:
             self.keep_alive = False
             self._close_gracefully()
+            return
+        if self.held is not None:
+            held, self.held = self.held, None
+            self.proxy.holding.release(held)
+            self.keep_alive = False
+            held.expire()
             return
         flight = self.pending
         answering = self.head_out or (self.exchange is not None and self.exchange.started)
@@ -608,12 +661,15 @@ class FrontFactory(Factory):
         trusted_fronts: frozenset[str] = frozenset(),
         reap_interval: float = 5.0,
         recorder: RequestRecorder | None = None,
+        holding: MoveHolding | None = None,
     ) -> None:
         self.router = router
         self.pool = pool
         self.clock = clock
         self.health = health
         self.parking = parking
+        #: requests for queues a transparent move is switching
+        self.holding = holding or MoveHolding(router.table.store, clock, router.wall)
         self.park_timeout = park_timeout
         self.header_timeout = header_timeout
         #: e.g. "/internal/tornado/{port}": answer mapped GETs with X-Accel-Redirect
@@ -641,6 +697,7 @@ class FrontFactory(Factory):
     def stopFactory(self) -> None:
         if self._reaper.running:
             self._reaper.stop()
+        self.holding.stop()
 
     def drain(self) -> None:
         """kansas is stopping: answer what can be answered, close the rest.

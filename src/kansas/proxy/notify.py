@@ -13,6 +13,7 @@ that hangs up in the middle of its answer had taken it, and is not.
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -61,7 +62,16 @@ class NotifyDispatcher:
         self.max_age = max_age
         self.boxes: dict[str, _Mailbox] = {}
         self.lost = 0
+        #: Notification ids (docs/transparent-moves.md): this process's random origin
+        #: and a counter without gaps; every shard gets the same id for a notification.
+        self.origin = os.urandom(8).hex()
+        self._seq = 0
         health.on_healthy.append(self._flush)
+
+    def next_id(self) -> bytes:
+        """The id of the next notification: ``<origin>:<seq>``."""
+        self._seq += 1
+        return f"{self.origin}:{self._seq}".encode()
 
     def queued(self, name: str | None = None) -> int:
         boxes = self.boxes.values() if name is None else [self.boxes.get(name)]

@@ -57,6 +57,9 @@ from kansas.proxy.forwarding import (
 from kansas.proxy.notify import NotifyDispatcher
 from kansas.proxy.sending import has_unread
 from kansas.router import place_queue, realm_from_host
+from kansas.transparent.protocol import NOTIFICATION_HEADER
+
+_NOTIFICATION_LOWER = NOTIFICATION_HEADER.lower().encode()
 
 log = Logger()
 
@@ -296,7 +299,12 @@ class BroadcastResource(Resource):
         body = _body(request)
         seen = _observed(request)
         seen.kansas_shard, seen.kansas_sent = "all", self.notify.pool.reactor.seconds()
-        head = upstream_head(request.method, request.uri, _headers(request), _peer(request),
+        headers = [h for h in _headers(request) if h[0] != _NOTIFICATION_LOWER]
+        if request.path == b"/api/internal/notify_tornado":
+            # The same id to every shard: what transparent moves deduplicate and fence by.
+            name = NOTIFICATION_HEADER.encode()
+            headers.append((_NOTIFICATION_LOWER, name, self.notify.next_id()))
+        head = upstream_head(request.method, request.uri, headers, _peer(request),
                              len(body), request_id=seen.kansas_id)  # fmt: skip
         calls = [self.notify.deliver(shard, head + body) for shard in shards]
         DeferredList(calls, consumeErrors=True).addCallback(

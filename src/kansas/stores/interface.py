@@ -47,6 +47,37 @@ class IRouteStore(Interface):
         was already invalid or is unknown. Atomic: of two concurrent calls, one wins.
         The route keeps its expiry."""
 
+    def get_many(queue_ids: Sequence[str]) -> Deferred[dict[str, QueueRoute]]:
+        """The routes of these queues (those with none are left out)."""
+
+    def journal(realm: str) -> Deferred[str | None]:
+        """The transparent-move journal of a realm (opaque text), or None."""
+
+    def mark_moving(
+        realm: str,
+        journal: str,
+        queue_ids: Sequence[str],
+        from_shard: str,
+        to_shard: str,
+        until: float,
+    ) -> Deferred[list[str]]:
+        """Transparent move: mark these queues as moving to ``to_shard`` until ``until``
+        (Unix time), and write the realm's journal, in one atomic step. Only queues whose
+        route exists, is valid, is on ``from_shard`` and is not being moved elsewhere are
+        marked; returns those. Routes keep their expiry."""
+
+    def end_moving(
+        realm: str,
+        journal: str | None,
+        commit: Sequence[str],
+        to_shard: str,
+        unmark: Sequence[str],
+    ) -> Deferred[int]:
+        """Transparent move: in one atomic step, the ``commit`` queues marked as moving
+        to ``to_shard`` now live there (marker gone), the ``unmark`` queues lose their
+        marker and stay where they are, and the realm's journal is written (None:
+        deleted). Returns how many routes changed."""
+
     def acquire(name: str, owner: str, seconds: float) -> Deferred[bool]:
         """Take (or extend, for the same owner) a lock that expires after ``seconds``."""
 

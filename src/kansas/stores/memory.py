@@ -33,6 +33,7 @@ class MemoryRouteStore:
         self._clock = clock
         self._routes: dict[str, tuple[QueueRoute, float]] = {}
         self._locks: dict[str, tuple[str, float]] = {}
+        self._journals: dict[str, str] = {}
 
     def _live(self, queue_id: str) -> QueueRoute | None:
         entry = self._routes.get(queue_id)
@@ -75,6 +76,50 @@ class MemoryRouteStore:
         expires = self._routes[queue_id][1]
         self._routes[queue_id] = (replace(route, invalid=True), expires)
         return succeed(True)
+
+    def get_many(self, queue_ids: Sequence[str]) -> Deferred[dict[str, QueueRoute]]:
+        found = {q: self._live(q) for q in queue_ids}
+        return succeed({q: r for q, r in found.items() if r is not None})
+
+    def journal(self, realm: str) -> Deferred[str | None]:
+        return succeed(self._journals.get(realm))
+
+    def _replace(self, route: QueueRoute) -> None:
+        self._routes[route.queue_id] = (route, self._routes[route.queue_id][1])
+
+    def mark_moving(
+        self, realm: str, journal: str, queue_ids: Sequence[str], from_shard: str,
+        to_shard: str, until: float,
+    ) -> Deferred[list[str]]:  # fmt: skip
+        marked = []
+        for queue_id in queue_ids:
+            route = self._live(queue_id)
+            if route is None or route.invalid or route.shard != from_shard:
+                continue
+            if route.moving_to not in (None, to_shard):
+                continue
+            self._replace(replace(route, moving_to=to_shard, moving_until=until))
+            marked.append(queue_id)
+        self._journals[realm] = journal
+        return succeed(marked)
+
+    def end_moving(
+        self, realm: str, journal: str | None, commit: Sequence[str], to_shard: str,
+        unmark: Sequence[str],
+    ) -> Deferred[int]:  # fmt: skip
+        changed = 0
+        for queue_id, committing in [(q, True) for q in commit] + [(q, False) for q in unmark]:
+            route = self._live(queue_id)
+            if route is None or route.moving_to is None:
+                continue
+            shard = to_shard if committing and route.moving_to == to_shard else route.shard
+            self._replace(replace(route, shard=shard, moving_to=None, moving_until=0.0))
+            changed += 1
+        if journal is None:
+            self._journals.pop(realm, None)
+        else:
+            self._journals[realm] = journal
+        return succeed(changed)
 
     def acquire(self, name: str, owner: str, seconds: float) -> Deferred[bool]:
         now = self._clock.seconds()

@@ -14,6 +14,7 @@ A member whose mapping expired stays in the set until then (readers skip it).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -42,6 +43,9 @@ class RedisUnavailable(ConnectionError):
 
 REALM_PREFIX = "kansas:realm:"
 LOCK_PREFIX = "kansas:lock:"
+JOURNAL_PREFIX = "kansas:tmove:"
+#: A transparent move's journal outlives an interrupted move by this much.
+JOURNAL_SECONDS = 7 * 24 * 3600
 
 # KEYS: queue key, realm set; ARGV: route JSON, ttl, queue id, realm-set prefix.
 _PUT = """
@@ -82,6 +86,51 @@ route['invalid'] = true
 redis.call('SET', KEYS[1], cjson.encode(route), 'KEEPTTL')
 return 1
 """
+# KEYS: journal, queue keys...; ARGV: journal, from, to, until, journal ttl.
+# Returns the (1-based) positions among the queue keys of those it marked.
+_MARK_MOVING = """
+local marked = {}
+for i = 2, #KEYS do
+  local old = redis.call('GET', KEYS[i])
+  if old then
+    local route = cjson.decode(old)
+    local moving = route['moving']
+    if route['invalid'] ~= true and route['shard'] == ARGV[2]
+        and (moving == nil or moving == cjson.null or moving['to'] == ARGV[3]) then
+      route['moving'] = {['to'] = ARGV[3], ['until'] = tonumber(ARGV[4])}
+      redis.call('SET', KEYS[i], cjson.encode(route), 'KEEPTTL')
+      table.insert(marked, i - 1)
+    end
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[5]))
+return marked
+"""
+# KEYS: journal, commit keys..., unmark keys...; ARGV: journal ('' deletes it), to,
+# number of commit keys, journal ttl.
+_END_MOVING = """
+local commits = tonumber(ARGV[3])
+local changed = 0
+for i = 2, #KEYS do
+  local old = redis.call('GET', KEYS[i])
+  if old then
+    local route = cjson.decode(old)
+    local moving = route['moving']
+    if moving ~= nil and moving ~= cjson.null then
+      if i <= commits + 1 and moving['to'] == ARGV[2] then route['shard'] = ARGV[2] end
+      route['moving'] = nil
+      redis.call('SET', KEYS[i], cjson.encode(route), 'KEEPTTL')
+      changed = changed + 1
+    end
+  end
+end
+if ARGV[1] == '' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[4]))
+end
+return changed
+"""
 # KEYS: lock; ARGV: owner, milliseconds. Take it if free, extend it if ours.
 _ACQUIRE = """
 local holder = redis.call('GET', KEYS[1])
@@ -95,6 +144,10 @@ return 1
 """
 #: No Redis call may hang a request: txredisapi waits forever while Redis is down.
 DEFAULT_CALL_TIMEOUT = 1.0
+
+
+def _text(raw: str | bytes) -> str:
+    return raw.decode("utf-8") if isinstance(raw, bytes) else raw
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +324,42 @@ class RedisRouteStore:
     def invalidate(self, queue_id: str) -> Deferred[bool]:
         d = self._call("eval", _INVALIDATE, [KEY_PREFIX + queue_id], [], op="invalidate")
         return d.addCallback(lambda done: int(done) == 1)
+
+    def get_many(self, queue_ids: Sequence[str]) -> Deferred[dict[str, QueueRoute]]:
+        ids = list(queue_ids)
+        if not ids:
+            return succeed({})
+
+        def parse(values: list[Any]) -> dict[str, QueueRoute]:
+            return {
+                q: QueueRoute.from_json(q, raw)
+                for q, raw in zip(ids, values, strict=True)
+                if raw is not None
+            }
+
+        return self._call("mget", [KEY_PREFIX + q for q in ids]).addCallback(parse)
+
+    def journal(self, realm: str) -> Deferred[str | None]:
+        d = self._call("get", JOURNAL_PREFIX + realm)
+        return d.addCallback(lambda raw: None if raw is None else _text(raw))
+
+    def mark_moving(
+        self, realm: str, journal: str, queue_ids: Sequence[str], from_shard: str,
+        to_shard: str, until: float,
+    ) -> Deferred[list[str]]:  # fmt: skip
+        ids = list(queue_ids)
+        keys = [JOURNAL_PREFIX + realm, *(KEY_PREFIX + q for q in ids)]
+        args = [journal, from_shard, to_shard, repr(until), JOURNAL_SECONDS]
+        d = self._call("eval", _MARK_MOVING, keys, args)
+        return d.addCallback(lambda marked: [ids[int(i) - 1] for i in marked or []])
+
+    def end_moving(
+        self, realm: str, journal: str | None, commit: Sequence[str], to_shard: str,
+        unmark: Sequence[str],
+    ) -> Deferred[int]:  # fmt: skip
+        keys = [JOURNAL_PREFIX + realm, *(KEY_PREFIX + q for q in [*commit, *unmark])]
+        args = [journal or "", to_shard, len(commit), JOURNAL_SECONDS]
+        return self._call("eval", _END_MOVING, keys, args).addCallback(int)
 
     def acquire(self, name: str, owner: str, seconds: float) -> Deferred[bool]:
         d = self._call(

@@ -506,3 +506,18 @@ def test_a_workers_access_log_line_still_parses_in_the_masters_log() -> None:
     assert relayed == '[kansas.access#info] {"id":"x-1","status":200}'
     in_master = "2026-11-25T10:00:00+0000 [kansas.process.master#info] [worker 1.0 (pid 7)] "
     assert parse_line(in_master + relayed) == {"id": "x-1", "status": 200}
+
+
+def test_sigint_once_stops_gracefully_and_twice_at_once(
+    rig: MasterRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    exits: list[int] = []
+    monkeypatch.setattr(master.os, "_exit", exits.append)
+    stops: list[bool] = []
+    rig.reactor.callFromThread = lambda f, *a: stops.append(True)  # type: ignore[method-assign]
+    rig.master._interrupted(signal.SIGINT, None)
+    assert stops == [True] and exits == []
+    assert all(p.signals == [] for _, p, _ in rig.spawned)
+    rig.master._interrupted(signal.SIGINT, None)
+    assert exits == [1]
+    assert all(p.signals == [signal.SIGKILL] for _, p, _ in rig.spawned)

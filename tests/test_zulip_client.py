@@ -234,7 +234,9 @@ class Nginx(Child):
 
 # -- the stack ------------------------------------------------------------------------------
 class Stack:
-    def __init__(self, tmp: Path, dsn: str, redis_url: str, accel: bool = False) -> None:
+    def __init__(
+        self, tmp: Path, dsn: str, redis_url: str, accel: bool = False, workers: int = 0
+    ) -> None:
         self.tmp, self.dsn = tmp, dsn
         self.children: list[Any] = []
         self.shards = [self._child(DemoShardProcess(n, tmp, SECRET, heartbeat=30).start())
@@ -247,7 +249,8 @@ class Stack:
         # Zulip's default port is 9800; here x stands for it.
         self.ctl("import-zulip-sharding", str(tmp / "sharding.json"), "--default-port", str(x))
         extra = ["--x-accel-redirect", "/internal/tornado/{port}"] if accel else []
-        self.kansas = self._child(KansasProcess(tmp, dsn, redis_url, extra).start())
+        kansas = KansasProcess(tmp, dsn, redis_url, extra, workers=workers)
+        self.kansas = self._child(kansas.start())
         self.users = Users()
         self.django = FakeDjango(self.kansas.internal_port, self.users)
         threading.Thread(target=self.django.serve_forever, daemon=True).start()
@@ -300,7 +303,8 @@ class RealmClient(zulip.Client):  # type: ignore[misc]
 def stack(
     request: pytest.FixtureRequest, tmp_path: Path, postgres_dsn: str, redis_url: str
 ) -> Iterator[Stack]:
-    s = Stack(tmp_path, postgres_dsn, redis_url, accel=getattr(request, "param", False))
+    accel, workers = getattr(request, "param", (False, 0))
+    s = Stack(tmp_path, postgres_dsn, redis_url, accel=accel, workers=workers)
     try:
         yield s
     finally:
@@ -308,7 +312,10 @@ def stack(
 
 
 @needs_nginx
-@pytest.mark.parametrize("stack", [False, True], ids=["proxied", "x-accel"], indirect=True)
+@pytest.mark.parametrize(
+    "stack", [(False, 0), (True, 0), (False, 2)],
+    ids=["proxied", "x-accel", "proxied-master-2-workers"], indirect=True,
+)  # fmt: skip
 def test_register_get_events_deregister(stack: Stack) -> None:
     client = stack.client(ONE, 11)
     assert client.zulip_version == ZULIP_VERSION

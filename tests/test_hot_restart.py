@@ -122,6 +122,9 @@ def test_ten_reloads_under_load_drop_nothing(rig: Rig) -> None:
     report = finish(load, report_path)
 
     assert report["errors"] == {}, report["errors"]  # no failed request, no reset
+    # Requests a client had to send again (a kept-alive connection closed under them, as
+    # Django and every HTTP client retry): the drain keeps these rare.
+    assert report["stale_retries"] <= 50
     assert report["reregistrations"] == 0
     assert report["lost"] == 0 and report["duplicated"] == 0 and report["out_of_order"] == 0
     assert report["deliveries_expected"] == report["delivered"] > 0

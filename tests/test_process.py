@@ -521,3 +521,33 @@ def test_sigint_once_stops_gracefully_and_twice_at_once(
     rig.master._interrupted(signal.SIGINT, None)
     assert exits == [1]
     assert all(p.signals == [signal.SIGKILL] for _, p, _ in rig.spawned)
+
+
+def test_at_max_connections_a_process_stops_accepting_until_some_close() -> None:
+    h = Harness()
+    h.front.max_connections, h.front.resume_at = 3, 2
+    calls: list[str] = []
+    port = type("Port", (), {"stopReading": lambda s: calls.append("stop"),
+                             "startReading": lambda s: calls.append("start")})()  # fmt: skip
+    conns = []
+    for _ in range(3):
+        proto = h.front.buildProtocol(None)
+        transport = StringTransport()
+        transport.server = port  # type: ignore[attr-defined]  # as tcp.Server has
+        proto.makeConnection(transport)
+        conns.append(proto)
+    assert calls == ["stop"]  # the third reached the cap: left in the accept queue
+    conns[0].connectionLost()
+    assert calls == ["stop"]  # 2 open: not below the resume mark yet
+    conns[1].connectionLost()
+    assert calls == ["stop", "start"]
+
+
+def test_the_connection_cap_comes_from_the_open_file_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # This machine's hard limit: 20,000 descriptors, two per held long-poll.
+    monkeypatch.setattr(front.resource, "getrlimit", lambda _: (20000, 20000))
+    assert front.connections_allowed() == 9950
+    monkeypatch.setattr(front.resource, "getrlimit", lambda _: (64, 64))
+    assert front.connections_allowed() == 16

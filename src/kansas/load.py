@@ -224,8 +224,8 @@ class LoadReport:
             + ("" if self.ok else f" ({'; '.join(self.failures)})"),
             f"  clients           {self.clients} ({self.long_poll_clients} long-polling, "
             f"{self.dont_block_clients} dont_block), {self.clients_registered} registered, "
-            f"{self.reregistrations} re-registrations, {self.stale_retries} GETs retried "
-            "on a closed keep-alive connection",
+            f"{self.reregistrations} re-registrations, {self.stale_retries} requests "
+            "retried on a closed keep-alive connection",
             f"  phases            {phases}  (drained: {'yes' if self.drained else 'NO'})",
             f"  events            {self.events_injected} injected, {self.events_confirmed} "
             f"confirmed, {self.events_failed} failed",
@@ -702,7 +702,7 @@ class Network:
         self._sweep_call: IDelayedCall | None = None
         #: Sockets open right now (a close counts once the reactor reports it).
         self.sockets = 0
-        #: Idempotent requests sent again after a server closed an idle connection.
+        #: Requests sent again after a server closed a kept-alive connection under them.
         self.stale_retries = 0
 
     def start(self) -> None:
@@ -837,9 +837,11 @@ class HTTPClient:
         sent, self.sent = self.sent, None
         if self.on_response is None:
             return
-        if kind == "stale" and sent is not None and sent.startswith((b"GET ", b"DELETE ")):
-            # What every HTTP client does (RFC 9112, 9.3.1): an idempotent request on a
-            # connection closed before any answer is sent again, on a new connection.
+        if kind == "stale" and sent is not None:
+            # What every HTTP client does for an idempotent request (RFC 9112, 9.3.1), and
+            # Zulip's Django for its POSTs to Tornado too ("All of the POST requests we
+            # make to Tornado are safe to retry", its TornadoAdapter): a request on a kept-
+            # alive connection closed before any answer is sent again, on a new one.
             self.net.stale_retries += 1
             self._connect(sent, max(self.deadline - self.net.reactor.seconds(), 1.0))
             return

@@ -6,6 +6,7 @@ Everything here is wiring; the behaviour lives in the modules it connects.
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import sys
 from collections.abc import Callable
@@ -72,6 +73,8 @@ class Options(usage.Options):
          "beyond, 431.", int],
         ["max-body-bytes", None, 65536, "Largest request body on the public listener; "
          "beyond, 413.", int],
+        ["max-connections", None, 0, "Client connections one process holds before it stops "
+         "accepting (0: what the open-file limit allows, two descriptors each).", int],
         ["trust-real-ip-from", None, "",
          "Comma-separated addresses of fronts (nginx) whose X-Real-Ip is passed on; from "
          "any other peer it is replaced by the peer's address (default: none)."],
@@ -132,6 +135,8 @@ class Options(usage.Options):
                 _fail(f"bad --x-accel-redirect {accel!r}: must be a path")
         if self["max-head-bytes"] < 1024 or self["max-body-bytes"] < 0:
             _fail("--max-head-bytes must be >= 1024 and --max-body-bytes >= 0")
+        if self["max-connections"] < 0:
+            _fail("--max-connections must be >= 0")
         if self["max-parked"] < 0:
             _fail("--max-parked must be >= 0")
         if self["access-log"] not in ("off", "json", "text"):
@@ -265,6 +270,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
+    _raise_open_file_limit()
     if options["workers"] > 0:
         return _master(options, reactor)
     service = assemble(options, reactor)
@@ -274,6 +280,15 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         listener._raiseSynchronously = True  # a port in use stops twistd with a clear error
         listener.setServiceParent(service)
     return service
+
+
+def _raise_open_file_limit() -> None:
+    """Every held long-poll costs two descriptors: take all the hard limit allows (the
+    soft limit is often 1,024); workers inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        log.info("open-file limit raised from {soft} to {hard}", soft=soft, hard=hard)
 
 
 def _master(options: Options, reactor: Any) -> IService:
@@ -347,7 +362,7 @@ def assemble(options: Options, reactor: Any) -> KansasService:
         header_timeout=options["header-timeout"], accel_prefix=options["x-accel-redirect"],
         max_head=options["max-head-bytes"], max_body=options["max-body-bytes"],
         trusted_fronts=frozenset(a for a in options["trust-real-ip-from"].split(",") if a),
-        recorder=recorder,
+        recorder=recorder, max_connections=options["max-connections"],
     )  # fmt: skip
 
     notify = NotifyDispatcher(pool, health)

@@ -10,6 +10,7 @@ are forwarded; the internal paths are refused (403) and everything else is 404/4
 from __future__ import annotations
 
 import json
+import resource
 from typing import Any, NamedTuple
 from urllib.parse import unquote_to_bytes
 
@@ -71,6 +72,16 @@ RETIRE_IDLE_SECONDS = 1.0
 CLIENT_PATIENCE_SECONDS = 85.0
 
 _LENGTH, _CHUNKED, _UNTIL_CLOSE, _DISCARD = range(4)
+#: Descriptors kept for what is not a client connection (Redis, PostgreSQL, Django's
+#: connections, the reactor, logs) when ``max_connections`` comes from the limit.
+FD_RESERVE = 100
+
+
+def connections_allowed() -> int:
+    """Client connections the open-file limit can hold: each costs two descriptors
+    (itself and its shard connection)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(16, (soft - FD_RESERVE) // 2)
 
 
 def _params(data: bytes) -> dict[bytes, bytes]:
@@ -169,7 +180,10 @@ class FrontProtocol(Protocol):
         self.peer = getattr(self.transport.getPeer(), "host", "") or "unknown"
         self.trusted = self.peer in self.proxy.trusted_fronts
         self.idle_since = self.proxy.clock.seconds()
-        self.proxy.connections.add(self)
+        proxy = self.proxy
+        proxy.connections.add(self)
+        if len(proxy.connections) >= proxy.max_connections:
+            proxy.pause_accepting(self.transport)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.gone = True
@@ -178,7 +192,10 @@ class FrontProtocol(Protocol):
             self._record(self.proxy.clock.seconds())
         if self.linger is not None and self.linger[0].active():
             self.linger[0].cancel()
-        self.proxy.connections.discard(self)
+        proxy = self.proxy
+        proxy.connections.discard(self)
+        if proxy.accept_paused is not None and len(proxy.connections) < proxy.resume_at:
+            proxy.resume_accepting()
         if self.parked is not None:
             self.proxy.parking.unpark(self.parked)  # at once: a parked client costs memory
             self.parked = None
@@ -662,6 +679,7 @@ class FrontFactory(Factory):
         reap_interval: float = 5.0,
         recorder: RequestRecorder | None = None,
         holding: MoveHolding | None = None,
+        max_connections: int = 0,
     ) -> None:
         self.router = router
         self.pool = pool
@@ -684,6 +702,10 @@ class FrontFactory(Factory):
         self.ids = self.recorder.ids
         self.connections: set[FrontProtocol] = set()
         self.retiring = False  # set when a successor takes over (see retire)
+        #: Beyond this many client connections, stop accepting (see pause_accepting).
+        self.max_connections = max_connections or connections_allowed()
+        self.resume_at = self.max_connections * 95 // 100
+        self.accept_paused: Any = None  # the listening port, while paused
         self._reaper = LoopingCall(self.reap)
         self._reaper.clock = clock
         self._reap_interval = reap_interval
@@ -708,6 +730,24 @@ class FrontFactory(Factory):
         """
         for conn in list(self.connections):
             conn.stop_gracefully()
+
+    def pause_accepting(self, transport: Any) -> None:
+        """At ``max_connections``: leave new connections in the kernel's accept queue,
+        for another worker sharing it or for later, rather than accept what the
+        open-file limit cannot hold (Twisted would then accept and drop them)."""
+        port = getattr(transport, "server", None)  # a tcp.Server knows its Port
+        if self.accept_paused is not None or port is None or self.retiring:
+            return
+        port.stopReading()
+        self.accept_paused = port
+        log.warn("{n} client connections: not accepting more until {m}",
+                 n=len(self.connections), m=self.resume_at)  # fmt: skip
+
+    def resume_accepting(self) -> None:
+        port, self.accept_paused = self.accept_paused, None
+        if port is not None and not self.retiring:
+            port.startReading()
+            log.info("accepting connections again ({n} open)", n=len(self.connections))
 
     def retire(self) -> None:
         """This worker is being replaced: stop keeping connections alive.

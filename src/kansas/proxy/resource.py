@@ -473,10 +473,10 @@ class InternalSite(Site):
         self.close_idle()
 
     def close_idle(self, min_idle: float = 1.0) -> None:
-        """Close the connections idle for ``min_idle``. Django's calls are POSTs, which
-        its client will not send again on a new connection if this one closes under
-        them, and it reuses a connection within milliseconds: closing only those idle
-        for a while keeps clear of that race; the others close after their next answer.
+        """Close the connections idle for ``min_idle``. Django reuses a connection
+        within milliseconds, and although its client sends a POST to Tornado again when
+        a connection closes under it, closing only those idle for a while mostly keeps
+        clear of that race; the others close after their next answer.
         """
         idle = time.monotonic() - min_idle
         for channel in list(self.channels):

@@ -120,8 +120,9 @@ def main() -> None:
                 print("|---|---|---|")
                 for pid in workers:
                     print(f"| {pid} | {open_fds(pid):,} | {rss_kib(pid):,} |")
+                bad = ("Traceback", "EMFILE", "died")
                 problems = [line for line in kansas.log_text().splitlines()
-                            if "Traceback" in line or "EMFILE" in line or "died" in line]  # fmt: skip
+                            if any(word in line for word in bad)]  # fmt: skip
                 print(f"kansas log problems: {len(problems)}")
                 for line in problems[:5]:
                     print("  " + line[:200])

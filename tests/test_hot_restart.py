@@ -9,11 +9,8 @@ A worker killed with SIGKILL is respawned, and only requests it held may fail.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +21,8 @@ import pytest
 
 from kansas.ctl import main as ctl
 from kansas.testing.client import call
-from kansas.testing.processes import CHECKOUT, DemoShardProcess, KansasProcess
+from kansas.testing.load import LoadRun
+from kansas.testing.processes import DemoShardProcess, KansasProcess
 
 SECRET = "hot-restart-secret"
 REALMS = "one.example.com,two.example.com,three.example.com"
@@ -42,31 +40,10 @@ class Rig:
             tmp, dsn, redis, workers=2, extra=["--drain-timeout", "30"]
         ).start()
 
-    def held_at_shards(self) -> int:
-        held = 0
-        for shard in self.shards:
-            queues = call(shard.port, "GET", "/demo/queues", timeout=30).json["queues"]
-            held += sum(1 for q in queues if q["parked"])
-        return held
-
-    def wait_held(self, n: int, load: subprocess.Popen[str]) -> None:
-        deadline = time.monotonic() + 90
-        while self.held_at_shards() < n:
-            assert load.poll() is None, load.communicate()
-            assert time.monotonic() < deadline, "the clients never all long-polled"
-            time.sleep(0.2)
-
-    def load(self, clients: int, duration: float) -> tuple[subprocess.Popen[str], Path]:
-        report = self.tmp / "load.json"
-        argv = [sys.executable, "-m", "kansas.load", "--quiet", "--json-report", str(report),
-                "--public", f"http://127.0.0.1:{self.kansas.public_port}",
-                "--internal", f"http://127.0.0.1:{self.kansas.internal_port}",
-                "--secret", SECRET, "--realms", REALMS, "--clients", str(clients),
-                "--dont-block-share", "0.003", "--connect-rate", "400",
-                "--duration", str(duration), "--event-rate", "20", "--drain", "40"]  # fmt: skip
-        proc = subprocess.Popen(argv, cwd=CHECKOUT, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
-        return proc, report
+    def load(self, clients: int, duration: float) -> LoadRun:
+        extra = ["--dont-block-share", "0.003", "--connect-rate", "400"]
+        return LoadRun(self.kansas, self.tmp / "load.json", SECRET, REALMS, clients, duration,
+                       extra)  # fmt: skip
 
     def stop(self) -> None:
         self.kansas.stop(timeout=60)
@@ -83,17 +60,11 @@ def rig(tmp_path: Path, postgres_dsn: str, redis_url: str) -> Iterator[Rig]:
         r.stop()
 
 
-def scenario_over(load: subprocess.Popen[str]) -> None:
+def scenario_over(load: LoadRun) -> dict[str, Any]:
     """The restarts are done: the load stops injecting events, drains and reports."""
-    assert load.poll() is None, load.communicate()
-    load.send_signal(signal.SIGUSR1)
-
-
-def finish(load: subprocess.Popen[str], report_path: Path) -> dict[str, Any]:
-    output, _ = load.communicate(timeout=180)
-    report = json.loads(report_path.read_text())
-    print(output)
-    return report
+    load.running()
+    load.proc.send_signal(signal.SIGUSR1)
+    return load.finish()[1]
 
 
 def pids_alive(pids: list[int]) -> list[int]:
@@ -109,17 +80,15 @@ def pids_alive(pids: list[int]) -> list[int]:
 
 @pytest.mark.timeout(300)
 def test_ten_reloads_under_load_drop_nothing(rig: Rig) -> None:
-    load, report_path = rig.load(clients=1000, duration=240)
-    rig.wait_held(990, load)  # a few clients poll with dont_block instead
+    load = rig.load(clients=1000, duration=240)
+    load.wait_parked(rig.shards, 990)  # a few clients poll with dont_block instead
     for n in range(2, 12):
         sent = time.monotonic()
         offset = len(rig.kansas.log_text())
         rig.kansas.send_signal(signal.SIGHUP)
         rig.kansas.wait_for(rf"generation {n} ready", after=offset)
-        assert load.poll() is None, load.communicate()
-        time.sleep(max(0.0, sent + 3 - time.monotonic()))  # the scenario's pace
-    scenario_over(load)
-    report = finish(load, report_path)
+        load.hold(max(0.0, sent + 3 - time.monotonic()))  # the scenario's pace
+    report = scenario_over(load)
 
     assert report["errors"] == {}, report["errors"]  # no failed request, no reset
     # Requests a client had to send again (a kept-alive connection closed under them, as
@@ -182,16 +151,15 @@ def test_metrics_scraped_from_one_worker_cover_every_worker(rig: Rig) -> None:
 
 @pytest.mark.timeout(240)
 def test_a_killed_worker_is_respawned_and_new_connections_never_fail(rig: Rig) -> None:
-    load, report_path = rig.load(clients=300, duration=240)
-    rig.wait_held(298, load)
+    load = rig.load(clients=300, duration=240)
+    load.wait_parked(rig.shards, 298)
     ((_, pids),) = rig.kansas.generations()
     offset = len(rig.kansas.log_text())
     os.kill(pids[0], signal.SIGKILL)
     rig.kansas.wait_for(r"died .* respawning", after=offset)
     back = rig.kansas.wait_for(r"worker 1\.0 \(pid (\d+)\) is back", after=offset)
-    time.sleep(3)  # the scenario: the load carries on against the respawned worker
-    scenario_over(load)
-    report = finish(load, report_path)
+    load.hold(3)  # the scenario: the load carries on against the respawned worker
+    report = scenario_over(load)
 
     assert int(back.group(1)) not in pids
     # Only what the killed worker held could fail (its connections were cut); no new

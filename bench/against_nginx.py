@@ -957,38 +957,56 @@ def log_problems(kansas: KansasProcess) -> list[str]:
     return [line.strip()[:200] for line in lines if any(word in line for word in bad)]
 
 
+@dataclass
+class Backends:
+    """What every bench run starts first: Redis, PostgreSQL, and a backend nginx as two
+    shards, each with a realm pinned to it in kansas's assignment."""
+
+    redis: RedisServer
+    postgres: PostgresServer
+    backend: Nginx
+    shard_ports: tuple[int, int]
+    shard_of: dict[str, str]  # realm -> shard name
+
+
+def start_backends(stack: contextlib.ExitStack, tmp: Path) -> Backends:
+    redis = RedisServer(tmp / "redis")
+    stack.callback(redis.cleanup)
+    postgres = PostgresServer(tmp / "pg")
+    stack.callback(postgres.cleanup)
+    redis.start()
+    postgres.start()
+    shard_ports = (free_port(), free_port())
+    backend = Nginx("backend", tmp / "backend", backend_config(tmp / "backend", shard_ports),
+                    shard_ports[0])  # fmt: skip
+    stack.enter_context(stopping(backend))
+    backend.start()
+    backend.wait_for_port(shard_ports[1])
+    shard_of = {realm: f"tornado-{port}" for realm, port in zip(REALMS, shard_ports, strict=True)}
+    steps = [["migrate"]]
+    for realm, port in zip(REALMS, shard_ports, strict=True):
+        steps.append(["shard", "add", shard_of[realm], f"http://127.0.0.1:{port}"])
+        steps.append(["realm", "pin", realm, shard_of[realm]])
+    for step in steps:
+        with contextlib.redirect_stdout(None):
+            if ctl(["--postgres", postgres.dsn, "--redis", redis.url, *step]) != 0:
+                raise BenchError(f"kansas-ctl {' '.join(step)} failed")
+    return Backends(redis, postgres, backend, shard_ports, shard_of)
+
+
 def run(args: argparse.Namespace, tmp: Path) -> Measurements:
     load_before = loadavg()
     stack = contextlib.ExitStack()
     with stack:
-        redis = RedisServer(tmp / "redis")
-        stack.callback(redis.cleanup)
-        postgres = PostgresServer(tmp / "pg")
-        stack.callback(postgres.cleanup)
-        redis.start()
-        postgres.start()
-        shard_ports = (free_port(), free_port())
-        backend = Nginx("backend", tmp / "backend", backend_config(tmp / "backend", shard_ports),
-                        shard_ports[0])  # fmt: skip
-        stack.enter_context(stopping(backend))
-        backend.start()
-        backend.wait_for_port(shard_ports[1])
+        backends = start_backends(stack, tmp)
+        redis, postgres = backends.redis, backends.postgres
+        shard_ports, shard_of = backends.shard_ports, backends.shard_of
         ports_of = dict(zip(REALMS, shard_ports, strict=True))
         proxy_port = free_port()
         config = proxy_config(tmp / "proxy", proxy_port, ports_of, args.nginx_access_log)
         proxy = Nginx("nginx", tmp / "proxy", config, proxy_port)
         stack.enter_context(stopping(proxy))
         proxy.start()
-
-        shard_of = {realm: f"tornado-{port}" for realm, port in ports_of.items()}
-        steps = [["migrate"]]
-        for realm, port in ports_of.items():
-            steps.append(["shard", "add", shard_of[realm], f"http://127.0.0.1:{port}"])
-            steps.append(["realm", "pin", realm, shard_of[realm]])
-        for step in steps:
-            with contextlib.redirect_stdout(None):
-                if ctl(["--postgres", postgres.dsn, "--redis", redis.url, *step]) != 0:
-                    raise BenchError(f"kansas-ctl {' '.join(step)} failed")
         kansas = KansasProcess(tmp, postgres.dsn, redis.url)
         stack.enter_context(stopping(kansas))
         revision = kansas_revision()
@@ -1082,7 +1100,7 @@ def run(args: argparse.Namespace, tmp: Path) -> Measurements:
             profile_run=profile_run,
             profile_raw=raw_path.read_text(),
             kansas_log_problems=problems,
-            nginx_errors=backend.errors() + proxy.errors(),
+            nginx_errors=backends.backend.errors() + proxy.errors(),
         )
 
 

@@ -26,21 +26,19 @@ from pathlib import Path
 from against_nginx import (
     REALMS,
     BenchError,
-    Nginx,
-    backend_config,
     children_of,
     cpu_model,
     cpu_seconds,
     kansas_revision,
     loadavg,
     seed_routes,
+    start_backends,
     stopping,
     wrk_script,
 )
 
-from kansas.ctl import main as ctl
 from kansas.testing.processes import CHECKOUT, KansasProcess
-from kansas.testing.servers import PostgresServer, RedisServer, free_port
+from kansas.testing.servers import free_port
 
 SECTION = "## kansas workers: --workers 2 vs --workers 1"
 
@@ -65,26 +63,8 @@ def run(args: argparse.Namespace, tmp: Path) -> str:
     before = loadavg()
     rows: list[tuple[int, int, float, float, int]] = []
     with contextlib.ExitStack() as stack:
-        redis = RedisServer(tmp / "redis")
-        stack.callback(redis.cleanup)
-        postgres = PostgresServer(tmp / "pg")
-        stack.callback(postgres.cleanup)
-        redis.start()
-        postgres.start()
-        ports = (free_port(), free_port())
-        backend = Nginx("backend", tmp / "backend", backend_config(tmp / "backend", ports),
-                        ports[0])  # fmt: skip
-        stack.enter_context(stopping(backend))
-        backend.start()
-        shard_of = {realm: f"tornado-{port}" for realm, port in zip(REALMS, ports, strict=True)}
-        steps = [["migrate"]]
-        for realm, port in zip(REALMS, ports, strict=True):
-            steps += [["shard", "add", shard_of[realm], f"http://127.0.0.1:{port}"],
-                      ["realm", "pin", realm, shard_of[realm]]]  # fmt: skip
-        for step in steps:
-            with contextlib.redirect_stdout(None):
-                if ctl(["--postgres", postgres.dsn, "--redis", redis.url, *step]) != 0:
-                    raise BenchError(f"kansas-ctl {' '.join(step)} failed")
+        backends = start_backends(stack, tmp)
+        redis, postgres, shard_of = backends.redis, backends.postgres, backends.shard_of
         queues = {str(uuid.uuid4()): realm for realm in REALMS for _ in range(args.queues)}
         targets = [(realm, f"/json/events?queue_id={q}&last_event_id=-1&dont_block=true")
                    for q, realm in queues.items()]  # fmt: skip

@@ -927,12 +927,12 @@ def report(m: Measurements) -> tuple[str, bool]:
     return "\n".join(lines), clean
 
 
-def write_section(text: str) -> None:
-    """Replace (or append) the section in BENCHMARKS.md; the other sections stay."""
+def write_section(text: str, section: str = SECTION) -> None:
+    """Replace (or append) ``section`` in BENCHMARKS.md; the other sections stay."""
     path = CHECKOUT / "BENCHMARKS.md"
     current = path.read_text() if path.exists() else "# Benchmarks\n"
     body = text.rstrip("\n") + "\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
+    pattern = re.compile(rf"^{re.escape(section)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
     if pattern.search(current):
         updated = pattern.sub(lambda _m: body + "\n", current, count=1).rstrip("\n") + "\n"
     else:

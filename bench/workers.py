@@ -34,10 +34,11 @@ from against_nginx import (
     seed_routes,
     start_backends,
     stopping,
+    write_section,
     wrk_script,
 )
 
-from kansas.testing.processes import CHECKOUT, KansasProcess
+from kansas.testing.processes import KansasProcess
 from kansas.testing.servers import free_port
 
 SECTION = "## kansas workers: --workers 2 vs --workers 1"
@@ -123,17 +124,6 @@ def run(args: argparse.Namespace, tmp: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str) -> None:
-    path = CHECKOUT / "BENCHMARKS.md"
-    current = path.read_text()
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
-    if pattern.search(current):
-        updated = pattern.sub(lambda _m: text + "\n", current, count=1).rstrip("\n") + "\n"
-    else:
-        updated = current.rstrip("\n") + "\n\n" + text
-    path.write_text(updated)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10)
@@ -156,7 +146,7 @@ def main() -> None:
     print()
     print(text)
     if args.write:
-        write_section(text)
+        write_section(text, SECTION)
         print("(written to BENCHMARKS.md)")
 
 

@@ -18,7 +18,6 @@ are trusted), sent to the shards and returned, and is counted like a public requ
 from __future__ import annotations
 
 import json
-import time
 from typing import Any, cast
 from weakref import WeakSet
 
@@ -54,6 +53,7 @@ from kansas.proxy.forwarding import (
     downstream_headers,
     upstream_head,
 )
+from kansas.proxy.front import RETIRE_IDLE_SECONDS
 from kansas.proxy.notify import NotifyDispatcher
 from kansas.proxy.sending import has_unread
 from kansas.router import place_queue, realm_from_host
@@ -428,7 +428,7 @@ class _InternalChannel(HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self.idle_since = time.monotonic()
+        self.idle_since = self.site.reactor.seconds()
 
     def checkPersistence(self, request: Any, version: bytes) -> bool:
         if self.site.retiring:
@@ -437,7 +437,7 @@ class _InternalChannel(HTTPChannel):
         return bool(super().checkPersistence(request, version))
 
     def requestDone(self, request: Any) -> None:
-        self.idle_since = time.monotonic()
+        self.idle_since = self.site.reactor.seconds()
         super().requestDone(request)
 
 
@@ -472,13 +472,14 @@ class InternalSite(Site):
                     request.responseHeaders.setRawHeaders(b"connection", [b"close"])
         self.close_idle()
 
-    def close_idle(self, min_idle: float = 1.0) -> None:
-        """Close the connections idle for ``min_idle``. Django reuses a connection
+    def close_idle(self) -> None:
+        """Close the connections idle for ``RETIRE_IDLE_SECONDS``, as the public
+        listener does (``FrontFactory.close_idle``). Django reuses a connection
         within milliseconds, and although its client sends a POST to Tornado again when
         a connection closes under it, closing only those idle for a while mostly keeps
         clear of that race; the others close after their next answer.
         """
-        idle = time.monotonic() - min_idle
+        idle = self.reactor.seconds() - RETIRE_IDLE_SECONDS
         for channel in list(self.channels):
             if (
                 channel.connected
@@ -498,7 +499,7 @@ def internal_site(
     recent: RecentRequests | None = None,
 ) -> InternalSite:
     root = InternalRoot(pool, router, notify, recorder, metrics, recent)
-    site = InternalSite(root, requestFactory=ObservedRequest)
+    site = InternalSite(root, requestFactory=ObservedRequest, reactor=pool.reactor)
     site.displayTracebacks = False
     site.noisy = False
     # No access log line per internal call: at Zulip's rate of queue creation it is noise.

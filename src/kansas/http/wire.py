@@ -292,6 +292,15 @@ class ResponseParser:
         return self._mode == self._IDLE
 
     @property
+    def awaits_head(self) -> bool:
+        """Armed for a response to a GET or DELETE, none of it read yet."""
+        return self._mode == self._HEAD and not self._buf and not self._head_request
+
+    def took_whole(self) -> None:
+        """The awaited response was read whole elsewhere (``kansas.proxy.quick``)."""
+        self._mode = self._IDLE
+
+    @property
     def reads_until_close(self) -> bool:
         return self._mode == self._CLOSE
 

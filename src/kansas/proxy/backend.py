@@ -9,6 +9,7 @@ cancelled exchange aborts its connection so the shard drops the parked request t
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 from typing import Protocol as TypingProtocol
@@ -20,6 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from kansas.http.wire import Header, HttpError, ResponseParser, is_json
+from kansas.proxy.quick import QuickResponse, quick_response
 from kansas.proxy.sending import send_now
 
 log = Logger()
@@ -113,6 +115,7 @@ class Exchange:
         "retry_safe",
         "sink",
         "started",
+        "whole",
     )
 
     def __init__(
@@ -127,6 +130,8 @@ class Exchange:
         self.address = address
         self.payload = payload
         self.sink = sink
+        #: the sink's ``response_whole``, if it takes a whole answer at once
+        self.whole: Callable[[QuickResponse], bool] | None = getattr(sink, "response_whole", None)
         self.retry_safe = retry_safe
         self.conn: BackendConnection | None = None
         self.connector: Any = None
@@ -200,6 +205,20 @@ class BackendConnection(Protocol):
         self.send(exchange)
 
     def dataReceived(self, data: bytes) -> None:
+        exchange = self.exchange
+        if exchange is not None and exchange.whole is not None and self.parser.awaits_head:
+            answer = quick_response(data)
+            if answer is not None and exchange.whole(answer):
+                # The sink has answered its client: what _on_head and _on_end do.
+                exchange.started = True
+                self.exchange = None
+                self.parser.took_whole()
+                exchange._close()
+                if answer.reusable:
+                    self.pool._release(self)
+                else:
+                    self.abort()
+                return
         try:
             self.parser.feed(data)
         except HttpError as e:

@@ -130,6 +130,23 @@ class EventRouter:
             lambda found: self._fallback(realm) if found is None else self._mapped(found, realm)
         )
 
+    def cached_target(self, queue_id: str) -> Target | None:
+        """What ``route`` answers on an ordinary cache hit, without its side effects
+        (the hit is not counted); None for anything else: a miss, a realm being moved,
+        an invalidated or switching queue, an unregistered shard, a held request."""
+        if self.fresh:
+            return None
+        route = self.table.cached(queue_id)
+        if route is None or route.invalid or route.moving_to is not None:
+            return None
+        current = self.directory.current
+        if route.realm in current.moving_realms:
+            return None
+        shard = current.shards.get(route.shard)
+        if shard is None:
+            return None
+        return Target(shard, Reason.QUEUE_MAPPING, route)
+
     def _mapped(self, route: QueueRoute, realm: str) -> Target:
         if route.invalid:
             raise QueueInvalidated(route, self.directory.current.shards.get(route.shard))
@@ -203,7 +220,7 @@ def upstream_head(
         if lname in _REPLACED_UPSTREAM or lname in listed:
             if lname == b"x-forwarded-for":
                 forwarded_for = value
-            elif lname == b"x-real-ip" and trust_real_ip and _is_ip(value):
+            elif lname == b"x-real-ip" and trust_real_ip and is_ip_address(value):
                 real_ip = value
             continue
         parts += (name, b": ", value, b"\r\n")
@@ -218,7 +235,7 @@ def upstream_head(
     return b"".join(parts)
 
 
-def _is_ip(value: bytes) -> bool:
+def is_ip_address(value: bytes) -> bool:
     try:
         ipaddress.ip_address(value.decode("ascii"))
     except ValueError:

@@ -49,6 +49,7 @@ from kansas.proxy.forwarding import (
     upstream_head,
 )
 from kansas.proxy.parking import Parked, Parking
+from kansas.proxy.quick import QuickResponse, quick_arguments, quick_request, quick_upstream_head
 from kansas.proxy.sending import has_unread, send_now
 from kansas.router import realm_from_host, valid_realm
 from kansas.transparent.holding import Held, MoveHolding
@@ -72,6 +73,8 @@ RETIRE_IDLE_SECONDS = 1.0
 CLIENT_PATIENCE_SECONDS = 85.0
 
 _LENGTH, _CHUNKED, _UNTIL_CLOSE, _DISCARD = range(4)
+#: Host headers whose realm is remembered (beyond it, the memory starts over).
+MAX_REALMS_REMEMBERED = 10_000
 #: Descriptors kept for what is not a client connection (Redis, PostgreSQL, Django's
 #: connections, the reactor, logs) when ``max_connections`` comes from the limit.
 FD_RESERVE = 100
@@ -213,6 +216,13 @@ class FrontProtocol(Protocol):
                 self.transport.abortConnection()  # type: ignore[union-attr]
             return
         if not self.parser.buffered and not self.busy:
+            if (
+                data[-4:] == b"\r\n\r\n"
+                and len(data) <= self.proxy.max_head + 4
+                and self.proxy.quick
+                and self._quick(data)
+            ):
+                return
             self.head_since = self.proxy.clock.seconds()  # a new request head starts
         self.parser.feed(data)
         if self.busy:
@@ -244,6 +254,59 @@ class FrontProtocol(Protocol):
                 self._dispatch(request)
         finally:
             self.in_loop = False
+
+    def _quick(self, data: bytes) -> bool:
+        """The common request, an ordinary poll on a queue whose route is cached, in one
+        go (``kansas.proxy.quick``). False: nothing was done, and the general path takes
+        the bytes (every error, and every rarer case, is answered there)."""
+        request = quick_request(data)
+        if request is None:
+            return False
+        args = quick_arguments(request.query)
+        if args is None:
+            return False
+        raw_queue_id = args.get(b"queue_id")
+        if raw_queue_id is None:
+            return False
+        queue_id = raw_queue_id.decode("ascii")  # visible ASCII (quick_request)
+        if QUEUE_ID.fullmatch(queue_id) is None:
+            return False
+        last_event_id = args.get(b"last_event_id")
+        if last_event_id is not None and not last_event_id.lstrip(b"-").isdigit():
+            return False
+        proxy = self.proxy
+        realm = proxy.realms.get(request.host)
+        if realm is None:
+            realm = realm_from_host(request.host)
+            if not valid_realm(realm):
+                return False
+            if len(proxy.realms) >= MAX_REALMS_REMEMBERED:  # Host is the client's to choose
+                proxy.realms.clear()
+            proxy.realms[request.host] = realm
+        target = proxy.router.cached_target(queue_id)
+        if target is None:
+            return False
+        health = proxy.health
+        if health.down and health.is_down(target.shard.name):
+            return False
+        method = request.method
+        if proxy.accel_prefix is not None and method == b"GET":
+            return False
+        # From here on, what _serve, _dispatch, _start, _events, route and _send do.
+        proxy.router.table.hits += 1
+        self.busy = True
+        self.keep_alive = request.keep_alive and not proxy.retiring
+        self.arrived = self.sent_at = proxy.clock.seconds()
+        self.method = method
+        incoming = request.request_id
+        self.rid = proxy.ids.new() if incoming is None else proxy.ids.choose(incoming, self.trusted)
+        self.sent = 0
+        self.kind = "events"
+        self.longpoll = method == b"GET" and b"dont_block=true" not in request.query
+        head = quick_upstream_head(request, self.peer, self.trusted, self.rid)
+        self.pending = InFlight(method, True, head, queue_id, realm, target)
+        self.exchange = proxy.pool.send(target.shard.address, head, self, True)
+        return True
 
     def _reply(self, response: bytes, keep_alive: bool) -> None:
         """Send an answer kansas made itself (with the request id after its status line)."""
@@ -583,6 +646,34 @@ class FrontProtocol(Protocol):
         # answer usually leaves in one send.
         self.head_out = b"".join(out)
 
+    def response_whole(self, answer: QuickResponse) -> bool:
+        """The shard's whole answer at once (``kansas.proxy.quick``): what
+        ``response_head``, ``response_body`` and ``response_end`` would do, in one send.
+        False: nothing was done, the answer goes through those instead."""
+        pending = self.pending
+        assert pending is not None
+        method, http11, _, queue_id, realm, target = pending
+        status = answer.status
+        if status == 400 and target.others:
+            return False  # the next shard is asked (response_head)
+        health = self.proxy.health
+        if health.down and target.shard.name in health.down:
+            health.succeeded(target.shard.name)
+        self.proxy.router.answered(method, queue_id, realm, target, status)
+        self.status = status
+        if not self.keep_alive:
+            end = b"Connection: close\r\n\r\n"
+        elif not http11:
+            end = b"Connection: keep-alive\r\n\r\n"
+        else:
+            end = b"\r\n"
+        data = b"%s%s: %s\r\n%s%s%s" % (status_line(status), REQUEST_ID_HEADER, self.rid,
+                                         answer.headers, end, answer.body)  # fmt: skip
+        self.sent += len(data)
+        send_now(self.transport, data)
+        self._done(self.keep_alive)
+        return True
+
     def response_body(self, data: bytes) -> None:
         if self.framing == _DISCARD:
             return
@@ -680,6 +771,7 @@ class FrontFactory(Factory):
         recorder: RequestRecorder | None = None,
         holding: MoveHolding | None = None,
         max_connections: int = 0,
+        quick: bool = True,
     ) -> None:
         self.router = router
         self.pool = pool
@@ -697,6 +789,11 @@ class FrontFactory(Factory):
         #: peers (nginx) whose X-Real-Ip is the client's; any other peer's is replaced
         self.trusted_fronts = trusted_fronts
         self.idle_timeout = idle_timeout
+        #: take the common exchange through kansas.proxy.quick (off: the general path
+        #: only, which tests compare it with)
+        self.quick = quick
+        #: Host header -> its realm, for the Host headers seen (validated once)
+        self.realms: dict[bytes, str] = {}
         #: counts, latencies, access log and trace records of every request
         self.recorder = recorder or RequestRecorder()
         self.ids = self.recorder.ids

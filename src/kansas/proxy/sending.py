@@ -12,17 +12,34 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+from twisted.internet import tcp
 from twisted.internet.abstract import FileDescriptor
 
+#: Transports sent on with ``socket.send`` itself (``writeSomeData`` without its
+#: memoryview and EINTR loop: Python retries EINTR already).
+_TCP: frozenset[Any] = frozenset({tcp.Server, tcp.Client})
 
-def send_now(transport: Any, data: bytes) -> None:
-    if (
-        isinstance(transport, FileDescriptor)
-        and transport.connected
+
+def _nothing_queued(transport: FileDescriptor) -> bool:
+    return bool(
+        transport.connected
         and not transport.disconnecting
         and not transport._tempDataLen
         and len(transport.dataBuffer) == transport.offset
-    ):
+    )
+
+
+def send_now(transport: Any, data: bytes) -> None:
+    if transport.__class__ in _TCP:
+        if not transport.TLS and _nothing_queued(transport):
+            try:
+                sent = transport.socket.send(data)
+            except OSError:  # EAGAIN, or an error Twisted meets again on its own write
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+    elif isinstance(transport, FileDescriptor) and _nothing_queued(transport):
         sent = transport.writeSomeData(data)
         if isinstance(sent, int):
             if sent == len(data):

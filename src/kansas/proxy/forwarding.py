@@ -11,7 +11,7 @@ import ipaddress
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
@@ -46,8 +46,7 @@ class Directory(TypingProtocol):
     def current(self) -> Assignment: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
+class Target(NamedTuple):  # a tuple: made for every request
     shard: Shard
     reason: Reason
     route: QueueRoute | None  # None: not in the table (a fallback, or a new queue)

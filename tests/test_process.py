@@ -9,14 +9,16 @@ import socket
 from typing import Any
 
 import pytest
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from kansas.errors import ConfigError
 from kansas.process import control, master, worker
 from kansas.process.control import ControlError, MessageDecoder, encode
 from kansas.process.master import Master
-from kansas.process.sockets import bind, split_endpoint
+from kansas.process.sockets import accept_evenly, bind, split_endpoint
 from kansas.proxy import front
 
 from .test_proxy import Harness, get, ok_reply
@@ -61,6 +63,41 @@ def test_a_systemd_socket_that_was_not_passed_is_a_config_error() -> None:
     # (Socket activation itself: tests/test_zulip_client.py, with systemd-socket-activate.)
     with pytest.raises(ConfigError, match="bad --listen endpoint 'systemd:"):
         bind("listen", "systemd:domain=INET:index=0")
+
+
+def _pending_port(clients: list[socket.socket], built: list[Protocol]) -> tcp.Port:
+    """An adopted tcp.Port (on a MemoryReactor) with five connections in its queue."""
+    listener = bind("listen", "tcp:0:interface=127.0.0.1")
+    for _ in range(5):
+        clients.append(socket.create_connection(listener.sock.getsockname(), timeout=5))
+    factory = Factory.forProtocol(Protocol)
+    factory.buildProtocol = lambda addr: built.append(Protocol()) or built[-1]  # type: ignore[method-assign]
+    port = tcp.Port._fromListeningDescriptor(  # what reactor.adoptStreamPort does
+        MemoryReactorClock(), listener.fileno(), listener.family, factory
+    )  # fmt: skip
+    port.startListening()
+    listener.close()  # the port holds its own duplicate
+    return port
+
+
+@pytest.mark.parametrize("evenly", [True, False])
+def test_a_worker_takes_one_connection_from_the_shared_queue_per_wakeup(evenly: bool) -> None:
+    clients: list[socket.socket] = []
+    built: list[Protocol] = []
+    port = _pending_port(clients, built)
+    try:
+        if evenly:
+            accept_evenly(port)
+        port.doRead()
+        port.doRead()
+        # Twisted alone takes the whole burst at once, leaving none for another worker.
+        assert len(built) == (2 if evenly else 5)
+    finally:
+        for protocol in built:
+            protocol.transport.socket.close()  # type: ignore[attr-defined]
+        port.socket.close()
+        for c in clients:
+            c.close()
 
 
 # -- the control channel -------------------------------------------------------------------

@@ -13,6 +13,7 @@ import socket
 import stat
 from dataclasses import dataclass
 
+from twisted.internet import tcp
 from twisted.internet.endpoints import serverFromString
 
 from kansas.errors import ConfigError
@@ -20,6 +21,13 @@ from kansas.errors import ConfigError
 #: Large enough that a burst of connections waits in the kernel while a worker restarts
 #: (the kernel caps it at net.core.somaxconn).
 DEFAULT_BACKLOG = 4096
+#: Connections a worker accepts from the shared queue each time it is told the queue is
+#: ready. Twisted accepts up to 100 (and more after each full batch), so one worker
+#: awake first would take a whole burst of keep-alive connections, nginx's upstream
+#: pool or a load test, and keep them for hours while the others idle. One at a time,
+#: as nginx does (``multi_accept off``): every worker woken for the queue gets some, and
+#: a busy worker, back in epoll later, gets fewer.
+ACCEPTS_PER_WAKEUP = 1
 
 
 @dataclass(frozen=True)
@@ -125,3 +133,17 @@ def _inherited(description: str) -> socket.socket:
     endpoint = serverFromString(None, description)  # type: ignore[no-untyped-call]
     fd = os.dup(endpoint.fileno)
     return socket.socket(endpoint.addressFamily, socket.SOCK_STREAM, fileno=fd)
+
+
+def accept_evenly(port: object, per_wakeup: int = ACCEPTS_PER_WAKEUP) -> None:
+    """Hold an adopted TCP port to ``per_wakeup`` accepts per readiness event (see
+    ACCEPTS_PER_WAKEUP). A port of another kind is left as it is."""
+    if not isinstance(port, tcp.Port):
+        return
+    accept = port.doRead
+
+    def doRead() -> None:  # the name the reactor calls
+        port.numberAccepts = per_wakeup  # Twisted grows it after every full batch
+        accept()  # type: ignore[no-untyped-call]
+
+    port.doRead = doRead  # type: ignore[method-assign]

@@ -20,6 +20,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import FileLogObserver, Logger, formatEvent, globalLogBeginner
 
 from kansas.process.control import ControlFactory, ControlProtocol, Message, receive_listeners
+from kansas.process.sockets import accept_evenly
 
 log = Logger()
 
@@ -107,7 +108,9 @@ class Worker:
         for name, fd in self.listeners.items():
             family = socket.socket(fileno=os.dup(fd))
             try:
-                self.ports.append(self.reactor.adoptStreamPort(fd, family.family, factories[name]))
+                port = self.reactor.adoptStreamPort(fd, family.family, factories[name])
+                accept_evenly(port)  # the accept queue is shared with the other workers
+                self.ports.append(port)
             finally:
                 family.close()
             os.close(fd)  # the port holds its own duplicate

@@ -38,6 +38,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/first_figure.py
 	$(BIN)/python bench/against_nginx.py --write
 	$(BIN)/python bench/workers.py --write
+	$(BIN)/python bench/longpoll_memory.py --write
 
 chaos: $(BIN)/.installed system-deps
 	$(BIN)/python scripts/chaos.py $(CHAOS_ARGS)

@@ -51,7 +51,7 @@ import time
 import uuid
 from array import array
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -188,17 +188,18 @@ def nginx_binary() -> str:
     return found
 
 
-def nginx_main(workdir: Path, http: str) -> str:
+def nginx_main(workdir: Path, http: str, connections: int = 4096) -> str:
     for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (workdir / name).mkdir(parents=True, exist_ok=True)
     user = "user root;" if os.geteuid() == 0 else ""
     return f"""
 {user}
 worker_processes 1;
+worker_rlimit_nofile {connections};
 daemon off;
 pid {workdir}/nginx.pid;
 error_log {workdir}/error.log warn;
-events {{ worker_connections 4096; }}
+events {{ worker_connections {connections}; }}
 http {{
     client_body_temp_path {workdir}/client_body;
     proxy_temp_path {workdir}/proxy;
@@ -251,7 +252,9 @@ _PROXY_LOCATION = """
 """
 
 
-def proxy_config(workdir: Path, port: int, shards: dict[str, int], access_log: bool) -> str:
+def proxy_config(
+    workdir: Path, port: int, shards: dict[str, int], access_log: bool, connections: int = 4096
+) -> str:
     """Zulip's routing today: the realm's Tornado upstream chosen by ``$host``."""
     ports = list(shards.values())
     upstreams = "".join(
@@ -276,6 +279,7 @@ def proxy_config(workdir: Path, port: int, shards: dict[str, int], access_log: b
 {locations}
     }}
 """,
+        connections,
     )
 
 
@@ -938,6 +942,26 @@ def write_section(text: str, section: str = SECTION) -> None:
     else:
         updated = current.rstrip("\n") + "\n\n" + body
     path.write_text(updated)
+
+
+def run_and_write(run: Callable[[Path], str], write: bool, section: str) -> None:
+    """Run a bench in a temporary folder of its own, print its section and, if asked,
+    record it in BENCHMARKS.md; a BenchError ends the script with one line. SIGTERM
+    unwinds like Ctrl-C, so everything the bench started is stopped."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    tmp = Path(tempfile.mkdtemp(prefix="kansas-bench-"))
+    tmp.chmod(0o755)  # PostgreSQL runs as its own user when we are root
+    try:
+        text = run(tmp)
+    except BenchError as e:
+        sys.exit(f"bench: {e}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print()
+    print(text)
+    if write:
+        write_section(text, section)
+        print("(written to BENCHMARKS.md)")
 
 
 # -- the run ---------------------------------------------------------------------------------

@@ -21,12 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import parked_at, rss_kib  # bench/common.py (this script's folder)
+from common import one_shard_stack, parked_at, rss_kib  # bench/common.py (this folder)
 
-from kansas.ctl import main as ctl
 from kansas.testing.client import call
-from kansas.testing.processes import DemoShardProcess, KansasProcess
-from kansas.testing.servers import PostgresServer, RedisServer
+from kansas.testing.processes import KansasProcess
 
 REALM = "bench.example.com"
 # Long-polls are held by the shard until this bench is done with them.
@@ -50,13 +48,7 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     tmp = Path(tempfile.mkdtemp(prefix="kansas-bench-"))
     tmp.chmod(0o755)
-    with RedisServer(tmp / "redis") as redis, PostgresServer(tmp / "pg") as postgres:
-        redis.start()
-        postgres.start()
-        shard = DemoShardProcess("a", tmp, SECRET, heartbeat=600).start()
-        common = ["--postgres", postgres.dsn, "--redis", redis.url]
-        ctl([*common, "migrate"])
-        ctl([*common, "shard", "add", "a", shard.url])
+    with one_shard_stack(tmp, SECRET) as (redis, postgres, shard):
         kansas = KansasProcess(tmp, postgres.dsn, redis.url).start()
         assert kansas.proc is not None
         try:
@@ -89,7 +81,6 @@ def main() -> None:
                 s.close()
         finally:
             kansas.stop()
-            shard.stop()
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"{n:,} long-polls held through kansas, then their shard restarted:")
     print(f"- kansas RSS while the shard held them: {held:,} KiB; while kansas parked them: "

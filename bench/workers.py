@@ -17,10 +17,8 @@ import contextlib
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -35,10 +33,10 @@ from against_nginx import (
     cpu_seconds,
     kansas_revision,
     loadavg,
+    run_and_write,
     seed_routes,
     start_backends,
     stopping,
-    write_section,
     wrk_script,
 )
 
@@ -211,20 +209,7 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("bench: wrk is missing (scripts/system-deps.sh wrk)")
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    tmp = Path(tempfile.mkdtemp(prefix="kansas-bench-"))
-    tmp.chmod(0o755)  # PostgreSQL runs as its own user when we are root
-    try:
-        text = run(args, tmp)
-    except BenchError as e:
-        sys.exit(f"bench: {e}")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print()
-    print(text)
-    if args.write:
-        write_section(text, SECTION)
-        print("(written to BENCHMARKS.md)")
+    run_and_write(lambda tmp: run(args, tmp), args.write, SECTION)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import gc
 import os
 import platform
 import re
+import resource
 import selectors
 import shutil
 import signal
@@ -192,10 +193,13 @@ def nginx_main(workdir: Path, http: str, connections: int = 4096) -> str:
     for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (workdir / name).mkdir(parents=True, exist_ok=True)
     user = "user root;" if os.geteuid() == 0 else ""
+    # Descriptors: as many as connections, but no more than this process may give it.
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    files = connections if hard == resource.RLIM_INFINITY else min(connections, hard)
     return f"""
 {user}
 worker_processes 1;
-worker_rlimit_nofile {connections};
+worker_rlimit_nofile {files};
 daemon off;
 pid {workdir}/nginx.pid;
 error_log {workdir}/error.log warn;

@@ -11,14 +11,21 @@ from typing import Any
 import pytest
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock, StringTransport
 
 from kansas.errors import ConfigError
 from kansas.process import control, master, worker
 from kansas.process.control import ControlError, MessageDecoder, encode
 from kansas.process.master import Master
-from kansas.process.sockets import accept_evenly, bind, split_endpoint
+from kansas.process.sockets import (
+    DEFAULT_BACKLOG,
+    accept_evenly,
+    bind,
+    split_endpoint,
+    with_backlog,
+)
 from kansas.proxy import front
 
 from .test_proxy import Harness, get, ok_reply
@@ -32,6 +39,19 @@ def test_endpoint_strings_split_like_twisted() -> None:
     assert split_endpoint(r"unix:/run/k\:s.sock:mode=660") == (
         "unix", ["/run/k:s.sock"], {"mode": "660"}
     )  # fmt: skip
+
+
+def test_a_single_process_listens_with_kansass_backlog_unless_told_otherwise() -> None:
+    # Twisted's own default (50) drops SYNs when thousands of clients connect at once.
+    reactor = MemoryReactor()
+    for description, backlog in [
+        ("tcp:9799:interface=127.0.0.1", DEFAULT_BACKLOG),
+        ("tcp:9799:interface=127.0.0.1:backlog=16", 16),
+    ]:
+        serverFromString(reactor, with_backlog(description)).listen(Factory())
+        assert reactor.tcpServers[-1][2] == backlog
+    assert with_backlog("systemd:domain=INET:index=0") == "systemd:domain=INET:index=0"
+    assert with_backlog(r"unix:/run/k\:s.sock") == rf"unix:/run/k\:s.sock:backlog={DEFAULT_BACKLOG}"
 
 
 def test_bind_makes_a_listening_nonblocking_socket_children_do_not_inherit() -> None:

@@ -28,6 +28,7 @@ from kansas.observe.live import LiveMetrics
 from kansas.observe.recorder import RequestRecorder
 from kansas.observe.trace import RecentRequests
 from kansas.observe.web import SnapshotSource
+from kansas.process.sockets import with_backlog
 from kansas.proxy.backend import BackendPool
 from kansas.proxy.forwarding import EventRouter
 from kansas.proxy.front import CLIENT_PATIENCE_SECONDS, FrontFactory
@@ -275,7 +276,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         return _master(options, reactor)
     service = assemble(options, reactor)
     for option, factory in (("listen", service.front), ("internal-listen", service.internal)):
-        endpoint = serverFromString(reactor, options[option])
+        endpoint = serverFromString(reactor, with_backlog(options[option]))
         listener = StreamServerEndpointService(endpoint, factory)
         listener._raiseSynchronously = True  # a port in use stops twistd with a clear error
         listener.setServiceParent(service)

@@ -74,6 +74,17 @@ def split_endpoint(description: str) -> tuple[str, list[str], dict[str, str]]:
     return kind, args, kwargs
 
 
+def with_backlog(description: str) -> str:
+    """``description`` with ``backlog=DEFAULT_BACKLOG`` if it is a ``tcp``, ``tcp6`` or
+    ``unix`` endpoint that names none: Twisted's default (50) overflows when thousands
+    of clients connect at once (after an nginx reload, say), and every dropped SYN
+    costs its client a second or more."""
+    kind, _args, kwargs = split_endpoint(description)
+    if kind in ("tcp", "tcp6", "unix") and "backlog" not in kwargs:
+        return f"{description}:backlog={DEFAULT_BACKLOG}"
+    return description
+
+
 def _backlog(kwargs: dict[str, str]) -> int:
     return int(kwargs.get("backlog", DEFAULT_BACKLOG))
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import os
-import resource
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,9 +30,15 @@ from against_nginx import (
     proxy_config,
     run_and_write,
 )
-from common import one_shard_stack, parked_at, rss_kib  # bench/common.py (this script's folder)
+from common import (  # bench/common.py (this script's folder)
+    create_queues,
+    long_poll,
+    one_shard_stack,
+    parked_at,
+    raise_open_file_limit,
+    rss_kib,
+)
 
-from kansas.testing.client import call
 from kansas.testing.processes import KansasProcess
 from kansas.testing.servers import free_port
 
@@ -92,11 +96,7 @@ def hold(port: int, pid: int, queues: list[str], counts: list[int], shard_port: 
     rows, clients = [], []
     try:
         for n in counts:
-            while len(clients) < n:
-                s = socket.create_connection(("127.0.0.1", port))
-                s.sendall(f"GET /json/events?queue_id={queues[len(clients)]}&last_event_id=-1 "
-                          f"HTTP/1.1\r\nHost: {REALM}\r\n\r\n".encode())  # fmt: skip
-                clients.append(s)
+            clients += [long_poll(port, REALM, q) for q in queues[len(clients) : n]]
             parked = wait_parked(shard_port, lambda held, n=n: held >= n)
             rss = rss_kib(pid)
             rows.append(Row(n, parked, rss, (rss - base) * 1024 / n))
@@ -175,12 +175,7 @@ def run(args: argparse.Namespace, tmp: Path) -> str:
         kansas = KansasProcess(tmp, postgres.dsn, redis.url).start()
         assert kansas.proc is not None
         try:
-            form = {"secret": SECRET, "dont_block": "true"}
-            queues = [
-                call(kansas.internal_port, "POST", "/api/v1/events/internal", host=REALM,
-                     form={**form, "user_profile_id": i}).json["queue_id"]
-                for i in range(counts[-1])
-            ]  # fmt: skip
+            queues = create_queues(kansas.internal_port, SECRET, REALM, range(counts[-1]))
             print("through kansas ...", flush=True)
             through_kansas = hold(kansas.public_port, kansas.proc.pid, queues, counts,
                                   shard.port)  # fmt: skip
@@ -203,8 +198,7 @@ def main() -> None:
     parser.add_argument("--counts", default="1000,5000,9900", help="comma-separated N to hold")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     args = parser.parse_args()
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # children inherit it
+    raise_open_file_limit()
     run_and_write(lambda tmp: run(args, tmp), args.write, SECTION)
 
 

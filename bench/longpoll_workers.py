@@ -16,18 +16,21 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import resource
 import shutil
-import socket
 import tempfile
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from common import parked_at, rss_kib  # bench/common.py (this script's folder)
+from common import (  # bench/common.py (this script's folder)
+    create_queues,
+    long_poll,
+    parked_at,
+    raise_open_file_limit,
+    rss_kib,
+)
 
 from kansas.ctl import main as ctl
-from kansas.testing.client import call
 from kansas.testing.processes import DemoShardProcess, KansasProcess
 from kansas.testing.servers import PostgresServer, RedisServer, free_port
 
@@ -40,15 +43,11 @@ def realm(n: int) -> str:
 
 def hold(port: int, host: str, queues: list[str], done: Connection) -> None:
     """A client process: one long-poll per queue, held until told to stop."""
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raise_open_file_limit()
     sockets, errors = [], 0
     for queue_id in queues:
         try:
-            s = socket.create_connection(("127.0.0.1", port), timeout=30)
-            s.sendall(f"GET /json/events?queue_id={queue_id}&last_event_id=-1 HTTP/1.1\r\n"
-                      f"Host: {host}\r\n\r\n".encode())  # fmt: skip
-            sockets.append(s)
+            sockets.append(long_poll(port, host, queue_id, timeout=30))
         except OSError:
             errors += 1
     done.send(errors)
@@ -87,12 +86,9 @@ def main() -> None:
             assert kansas.proc is not None
             try:
                 started = time.monotonic()
-                form = {"secret": SECRET, "dont_block": "true"}
                 queues = {
-                    i: [call(kansas.internal_port, "POST", "/api/v1/events/internal",
-                             host=realm(i), form={**form, "user_profile_id": u},
-                             timeout=30).json["queue_id"]
-                        for u in range(args.per_worker)]
+                    i: create_queues(kansas.internal_port, SECRET, realm(i),
+                                     range(args.per_worker), timeout=30)
                     for i in range(n)
                 }  # fmt: skip
                 print(f"{n * args.per_worker:,} queues created in "

@@ -14,16 +14,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import re
-import resource
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
 
-from common import one_shard_stack, parked_at, rss_kib  # bench/common.py (this folder)
+from common import (  # bench/common.py (this folder)
+    create_queues,
+    long_poll,
+    one_shard_stack,
+    parked_at,
+    raise_open_file_limit,
+    rss_kib,
+)
 
-from kansas.testing.client import call
 from kansas.testing.processes import KansasProcess
 
 REALM = "bench.example.com"
@@ -44,26 +48,15 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=5000)
     args = parser.parse_args()
     n = args.clients
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raise_open_file_limit()
     tmp = Path(tempfile.mkdtemp(prefix="kansas-bench-"))
     tmp.chmod(0o755)
     with one_shard_stack(tmp, SECRET) as (redis, postgres, shard):
         kansas = KansasProcess(tmp, postgres.dsn, redis.url).start()
         assert kansas.proc is not None
         try:
-            form = {"secret": SECRET, "dont_block": "true"}
-            queues = [
-                call(kansas.internal_port, "POST", "/api/v1/events/internal", host=REALM,
-                     form={**form, "user_profile_id": i}).json["queue_id"]
-                for i in range(n)
-            ]  # fmt: skip
-            clients = []
-            for queue_id in queues:
-                s = socket.create_connection(("127.0.0.1", kansas.public_port))
-                s.sendall(f"GET /json/events?queue_id={queue_id}&last_event_id=-1 "
-                          f"HTTP/1.1\r\nHost: {REALM}\r\n\r\n".encode())  # fmt: skip
-                clients.append(s)
+            queues = create_queues(kansas.internal_port, SECRET, REALM, range(n))
+            clients = [long_poll(kansas.public_port, REALM, q) for q in queues]
             wait(lambda: parked_at(shard.port) == n, "the long-polls to reach the shard")
             held = rss_kib(kansas.proc.pid)
             shard.stop()  # SIGTERM: every long-poll is cut, kansas parks them all

@@ -38,6 +38,9 @@ class Reason(StrEnum):
     HASH = "hash"
     #: No mapping for the queue: sent to its realm's home shard (its rules, else hash).
     FALLBACK = "fallback"
+    #: The shard asked first answered with Zulip's ``X-Accel-Redirect`` to another
+    #: Tornado port (a user-split realm): sent on to the shard of that port.
+    TORNADO_REDIRECT = "tornado-redirect"
 
 
 @dataclass(frozen=True, slots=True)

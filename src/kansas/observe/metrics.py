@@ -154,6 +154,13 @@ SPECS: tuple[Spec, ...] = (
     Spec("kansas_invalidated_answers_total", "counter",
          "Requests on a queue a move invalidated, answered BAD_EVENT_QUEUE_ID, by the "
          "queue's old shard.", ("shard",)),
+    Spec("kansas_tornado_redirects_total", "counter",
+         "GETs a shard redirected (Zulip's X-Accel-Redirect: the user lives on another "
+         "Tornado port), followed to the shard of that port.", ("shard", "to")),
+    Spec("kansas_shard_unusable_answers_total", "counter",
+         "Shard answers kansas could not pass on (the client got 502), by problem: "
+         "not-json, or a redirect it cannot follow (redirect-loop, redirect-port, "
+         "redirect-target).", ("shard", "problem")),
     Spec("kansas_uncached_routes_total", "counter",
          "Cached routes dropped when a realm's move ended."),
     Spec("kansas_notifications_held", "gauge",

@@ -26,7 +26,7 @@ INVALIDATED = "invalidated"
 
 
 class RequestRecorder:
-    __slots__ = ("access_log", "ids", "invalidated", "kinds", "recent")
+    __slots__ = ("access_log", "ids", "invalidated", "kinds", "recent", "redirects", "unusable")
 
     def __init__(
         self,
@@ -44,6 +44,11 @@ class RequestRecorder:
         #: old shard -> requests answered BAD_EVENT_QUEUE_ID because a move invalidated
         #: their queue
         self.invalidated: dict[str, int] = {}
+        #: (shard, shard redirected to) -> GETs a shard redirected with Zulip's
+        #: X-Accel-Redirect that kansas followed
+        self.redirects: dict[tuple[str, str], int] = {}
+        #: (shard, problem) -> shard answers kansas could not use (the client got 502)
+        self.unusable: dict[tuple[str, str], int] = {}
 
     def finished(
         self,
@@ -144,6 +149,14 @@ class RequestRecorder:
     def invalidated_answer(self, old_shard: str) -> None:
         self.invalidated[old_shard] = self.invalidated.get(old_shard, 0) + 1
 
+    def redirect_followed(self, shard: str, to: str) -> None:
+        key = (shard, to)
+        self.redirects[key] = self.redirects.get(key, 0) + 1
+
+    def unusable_answer(self, shard: str, problem: str) -> None:
+        key = (shard, problem)
+        self.unusable[key] = self.unusable.get(key, 0) + 1
+
     def counters(self) -> dict[str, Any]:
         """The request metrics in snapshot form (see ``kansas.observe.metrics``)."""
         requests: dict[tuple[str, ...], int] = {}
@@ -174,4 +187,6 @@ class RequestRecorder:
             "kansas_invalidated_answers_total": [
                 [[shard], n] for shard, n in self.invalidated.items()
             ],
+            "kansas_tornado_redirects_total": [[list(k), n] for k, n in self.redirects.items()],
+            "kansas_shard_unusable_answers_total": [[list(k), n] for k, n in self.unusable.items()],
         }

@@ -26,6 +26,10 @@ QUEUE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9:._-]{0,99}")
 EVENT_PATHS = frozenset({b"/json/events", b"/api/v1/events"})
 INTERNAL_QUEUE_PATH = b"/api/v1/events/internal"
 INTERNAL_PREFIX = b"/api/internal/"
+#: A Zulip Tornado process answers a GET of a user it does not own (a realm split over
+#: several ports) with ``200``, an empty body and ``X-Accel-Redirect:
+#: /internal/tornado/<port><path>?<query>``, for nginx to replay on that port.
+TORNADO_REDIRECT = re.compile(rb"/internal/tornado/([0-9]{1,5})(?:/.*)?")
 
 #: Headers kansas sets itself on the way to a shard; a client's copies are dropped.
 _REPLACED_UPSTREAM = HOP_BY_HOP | {
@@ -58,6 +62,16 @@ class Target(NamedTuple):  # a tuple: made for every request
         if not self.others:
             return None
         return Target(self.others[0], self.reason, None, self.others[1:])
+
+
+class Detour(NamedTuple):
+    """Where a shard's ``X-Accel-Redirect`` leads: the next target, or why not."""
+
+    target: Target | None
+    #: when ``target`` is None: a metric label, and a sentence for the client's 502 and
+    #: the log
+    problem: str = ""
+    why: str = ""
 
 
 class NoShard(Exception):
@@ -171,6 +185,26 @@ class EventRouter:
         )
         return Target(assignment.shards[decision.shard], Reason.FALLBACK, None, others)
 
+    def redirected(self, target: Target, location: bytes) -> Detour:
+        """A shard answered with Zulip's ``X-Accel-Redirect`` (``location``): the shard
+        of the port it names, asked once. Tornado redirects only to the port that owns
+        the user, so that shard's answer is final: no other candidate is asked after it,
+        and a second redirect is an error, never a loop."""
+        name = target.shard.name
+        if target.reason is Reason.TORNADO_REDIRECT:
+            why = f"Shard {name} redirected a request that another shard redirected to it"
+            return Detour(None, "redirect-loop", why)
+        m = TORNADO_REDIRECT.fullmatch(location)
+        if m is None:
+            shown = location[:100].decode("ascii", "replace")
+            return Detour(None, "redirect-target", f"Shard {name} redirected to {shown!r}")
+        port = int(m.group(1))
+        shard = shard_of_port(self.directory.current, port, target.shard.address[0])
+        if shard is None:
+            why = f"Shard {name} redirected to Tornado port {port}, which is no known shard's"
+            return Detour(None, "redirect-port", why)
+        return Detour(Target(shard, Reason.TORNADO_REDIRECT, None))
+
     def answered(
         self, method: bytes, queue_id: str, realm: str, target: Target, status: int
     ) -> None:
@@ -190,6 +224,25 @@ class EventRouter:
             # the queue keeps its shard even if the realm's placement changes later.
             route = QueueRoute(queue_id, target.shard.name, realm, None, DEFAULT_QUEUE_TIMEOUT)
             self.table.record(route)
+
+
+def shard_of_port(assignment: Assignment, port: int, host: str) -> Shard | None:
+    """The shard a Tornado process means by its ``port``: the one on the same host as
+    the redirecting shard (nginx's ``tornado<port>`` upstreams are local), else the only
+    one with that port anywhere."""
+    found = [s for s in assignment.shards.values() if s.address[1] == port]
+    same_host = [s for s in found if s.address[0] == host]
+    if len(same_host) == 1:
+        return same_host[0]
+    return found[0] if len(found) == 1 else None
+
+
+def tornado_redirect(headers: list[Header]) -> bytes | None:
+    """The ``X-Accel-Redirect`` of a shard's answer, if it has one."""
+    for lname, _name, value in headers:
+        if lname == b"x-accel-redirect":
+            return value
+    return None
 
 
 def upstream_head(

@@ -34,6 +34,7 @@ from kansas.model import QueueRoute
 from kansas.observe.recorder import INVALIDATED, RequestRecorder
 from kansas.observe.request_id import HEADER as REQUEST_ID_HEADER
 from kansas.observe.request_id import LOWER as REQUEST_ID_LOWER
+from kansas.observe.throttled import ThrottledWarnings
 from kansas.proxy.backend import BackendPool, Exchange, Failed
 from kansas.proxy.forwarding import (
     EVENT_PATHS,
@@ -46,6 +47,7 @@ from kansas.proxy.forwarding import (
     QueueMoving,
     Target,
     downstream_headers,
+    tornado_redirect,
     upstream_head,
 )
 from kansas.proxy.parking import Parked, Parking
@@ -120,6 +122,7 @@ class FrontProtocol(Protocol):
     __slots__ = (
         "arrived",
         "busy",
+        "detour",
         "exchange",
         "framing",
         "gone",
@@ -167,6 +170,9 @@ class FrontProtocol(Protocol):
         #: (rare: set there, used and cleared when the request is recorded)
         self.note: tuple[str, str, str, str] | None = None
         self.held: Held | None = None  # waiting for a transparent move's switch
+        #: The shard to ask next once this answer is read (and discarded): the realm's
+        #: next candidate, or where the shard's X-Accel-Redirect points.
+        self.detour: Target | None = None
         self.arrived = 0.0
         # -- what the access log and the metrics need (kansas.observe) --
         self.method = b""
@@ -326,6 +332,7 @@ class FrontProtocol(Protocol):
         self.busy = False
         self.exchange = None
         self.pending = None
+        self.detour = None
         self.head_out = b""
         self.idle_since = self.head_since = now
         if not keep_alive:
@@ -611,16 +618,26 @@ class FrontProtocol(Protocol):
         health = self.proxy.health
         if health.down and target.shard.name in health.down:
             health.succeeded(target.shard.name)
+        location = tornado_redirect(headers)
+        if location is not None:
+            # Zulip's Tornado: "this user lives on another port" (a user-split realm).
+            detour = self.proxy.router.redirected(target, location)
+            if detour.target is None:
+                self._unusable(target, detour.problem, detour.why)
+                return
+            self.proxy.recorder.redirect_followed(target.shard.name, detour.target.shard.name)
+            self.detour = detour.target
+            self.framing = _DISCARD
+            return
         if status == 400 and target.others:
             # A queue without a mapping, unknown to this shard of its realm: ask the next
             # one once this answer is read (user-split realms, users moved elsewhere).
+            self.detour = target.next_candidate()
             self.framing = _DISCARD
             return
         if not is_json(headers):
-            if self.exchange is not None:
-                self.exchange.cancel()
-            msg = f"Shard {target.shard.name} sent a reply that is not JSON (status {status})"
-            self._reply(error_response(502, msg, "BAD_GATEWAY", self.keep_alive), self.keep_alive)
+            why = f"Shard {target.shard.name} sent a reply that is not JSON (status {status})"
+            self._unusable(target, "not-json", why)
             return
         self.proxy.router.answered(method, queue_id, realm, target, status)
         self.status = status
@@ -645,6 +662,16 @@ class FrontProtocol(Protocol):
         # Held until the body arrives (almost always in the same read), so the whole
         # answer usually leaves in one send.
         self.head_out = b"".join(out)
+
+    def _unusable(self, target: Target, problem: str, why: str) -> None:
+        """The shard answered something kansas cannot pass on: 502, logged (a line a
+        minute per shard and problem) and counted, so an operator sees it."""
+        if self.exchange is not None:
+            self.exchange.cancel()
+        name = target.shard.name
+        self.proxy.recorder.unusable_answer(name, problem)
+        self.proxy.warnings.warn((name, problem), f"{why}: answered 502")
+        self._reply(error_response(502, why, "BAD_GATEWAY", self.keep_alive), self.keep_alive)
 
     def response_whole(self, answer: QuickResponse) -> bool:
         """The shard's whole answer at once (``kansas.proxy.quick``): what
@@ -688,11 +715,10 @@ class FrontProtocol(Protocol):
     def response_end(self) -> None:
         if self.framing == _DISCARD:
             self.framing = _LENGTH
-            flight = self.pending
-            candidate = flight.target.next_candidate() if flight is not None else None
-            if flight is not None and candidate is not None:
+            flight, detour, self.detour = self.pending, self.detour, None
+            if flight is not None and detour is not None:
                 self.exchange = None
-                self._send(flight._replace(target=candidate))
+                self._send(flight._replace(target=detour))
             return
         tail = self.head_out + b"0\r\n\r\n" if self.framing == _CHUNKED else self.head_out
         if tail:
@@ -797,6 +823,8 @@ class FrontFactory(Factory):
         #: counts, latencies, access log and trace records of every request
         self.recorder = recorder or RequestRecorder()
         self.ids = self.recorder.ids
+        #: shard answers kansas cannot use, logged at most once a minute per kind
+        self.warnings = ThrottledWarnings(clock)
         self.connections: set[FrontProtocol] = set()
         self.retiring = False  # set when a successor takes over (see retire)
         #: Beyond this many client connections, stop accepting (see pause_accepting).

@@ -54,11 +54,12 @@ _REQUEST_DROPPED = re.compile(
     rb"te|trailer|upgrade|proxy-authenticate|proxy-authorization): [^\r]*(?=\r\n)"
 )
 #: Response headers the quick path looks at, in a lower-cased block (it needs only
-#: lower-cased values: a length, a media type, Connection tokens).
+#: lower-cased values: a length, a media type, Connection tokens), and those that send
+#: the answer down the general path.
 _RESPONSE_SPECIAL = re.compile(
     rb"\r\n(content-length|content-type|transfer-encoding|connection|keep-alive|close|"
     rb"proxy-connection|te|trailer|upgrade|proxy-authenticate|proxy-authorization|"
-    rb"x-request-id): ([^\r]*)"
+    rb"x-request-id|x-accel-redirect): ([^\r]*)"
 )
 #: The lines of a shard's answer a client never sees, without their CRLF.
 _RESPONSE_DROPPED = re.compile(
@@ -192,8 +193,8 @@ def quick_response(data: bytes) -> QuickResponse | None:
         elif lname == b"connection":
             connection = value
             dropped = True
-        elif lname in (b"transfer-encoding", b"close"):
-            return None
+        elif lname in (b"transfer-encoding", b"close", b"x-accel-redirect"):
+            return None  # a redirect is followed, never relayed (the general path)
         else:
             dropped = True
     if length is None or content_type is None or b"json" not in content_type:

@@ -9,7 +9,10 @@ mapping in Redis gets ``"invalid":true``. The next request on such a queue, thro
 kansas, is answered ``400 BAD_EVENT_QUEUE_ID`` by kansas itself (the client re-registers,
 on the new shard), and kansas DELETEs the queue on its old shard with the client's own
 credentials — Tornado authenticates queue deletion, so kansas cannot do it earlier on
-its own. A queue whose client never comes back is freed by its shard's idle timeout.
+its own. A long-poll already waiting at the old shard is answered as soon as its queue
+is marked (``kansas.proxy.invalidation``), so the reloads come at this rate rather than
+at the old shard's heartbeats. A queue whose client never comes back is freed by its
+shard's idle timeout.
 
 The invalidation marker lives in the mapping itself, set by one atomic Lua step that
 reports whether this call set it: a queue is never invalidated twice, and an interrupted

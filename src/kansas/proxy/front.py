@@ -30,7 +30,7 @@ from kansas.http.wire import (
     RequestParser,
     is_json,
 )
-from kansas.model import QueueRoute
+from kansas.model import QueueRoute, Shard
 from kansas.observe.recorder import INVALIDATED, RequestRecorder
 from kansas.observe.request_id import HEADER as REQUEST_ID_HEADER
 from kansas.observe.request_id import LOWER as REQUEST_ID_LOWER
@@ -50,6 +50,7 @@ from kansas.proxy.forwarding import (
     tornado_redirect,
     upstream_head,
 )
+from kansas.proxy.invalidation import InvalidationWatch
 from kansas.proxy.parking import Parked, Parking
 from kansas.proxy.quick import QuickResponse, quick_arguments, quick_request, quick_upstream_head
 from kansas.proxy.sending import has_unread, send_now
@@ -441,17 +442,45 @@ class FrontProtocol(Protocol):
         """A move invalidated this queue: Zulip's BAD_EVENT_QUEUE_ID (the client
         re-registers, on its new shard), and a DELETE of the queue on its old shard,
         with the client's own credentials (Tornado authenticates queue deletion)."""
-        self.proxy.recorder.invalidated_answer(e.route.shard)
-        self.note = (e.route.queue_id, e.route.realm, e.route.shard, INVALIDATED)
-        rid = self.rid
-        self._reply(bad_queue_response(e.route.queue_id, self.keep_alive), self.keep_alive)
-        if e.shard is not None:
-            target = request.target
-            if request.method == b"DELETE" and request.body and b"?" not in target:
-                target += b"?queue_id=" + e.route.queue_id.encode()  # from the form body
-            head = upstream_head(b"DELETE", target, request.headers, self.peer, 0, self.trusted,
-                                 rid)  # fmt: skip
-            self.proxy.pool.send(e.shard.address, head, _DISCARD_SINK, True)
+        target = request.target
+        if request.method == b"DELETE" and request.body and b"?" not in target:
+            target += b"?queue_id=" + e.route.queue_id.encode()  # from the form body
+        delete = upstream_head(b"DELETE", target, request.headers, self.peer, 0, self.trusted,
+                               self.rid)  # fmt: skip
+        self._answer_invalidated(e.route, e.shard, delete)
+
+    def _answer_invalidated(self, route: QueueRoute, shard: Shard | None, delete: bytes) -> None:
+        self.proxy.recorder.invalidated_answer(route.shard)
+        self.pending = None  # recorded as kansas's own answer, under the note
+        self.note = (route.queue_id, route.realm, route.shard, INVALIDATED)
+        self._reply(bad_queue_response(route.queue_id, self.keep_alive), self.keep_alive)
+        if shard is not None:
+            self.proxy.pool.send(shard.address, delete, _DISCARD_SINK, True)
+
+    def invalidated_in_flight(self, route: QueueRoute) -> None:
+        """A move invalidated the queue of this waiting long-poll
+        (``kansas.proxy.invalidation``): answer it now, at the move's pace, rather than
+        at the old shard's heartbeat, and cancel it there."""
+        flight = self.pending
+        if (
+            self.gone
+            or flight is None
+            or flight.method != b"GET"
+            or flight.queue_id != route.queue_id
+            or self.head_out
+            or (self.exchange is not None and self.exchange.started)
+        ):
+            return  # answered, or being answered, meanwhile
+        if self.parked is not None:
+            self.proxy.parking.unpark(self.parked)
+            self.parked = None
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.cancel()  # the old shard drops the long-poll with the connection
+        self.proxy.router.table.uncache(route.queue_id)
+        shard = self.proxy.router.directory.current.shards.get(route.shard)
+        # The GET's own head, as the shard got it, turned into a DELETE of its queue.
+        self._answer_invalidated(route, shard, b"DELETE" + flight.payload[3:])
 
     def _hold(self, e: QueueMoving, request: Request) -> None:
         """A transparent move is switching the queue: wait for its commit or rollback,
@@ -834,17 +863,33 @@ class FrontFactory(Factory):
         self._reaper = LoopingCall(self.reap)
         self._reaper.clock = clock
         self._reap_interval = reap_interval
+        #: answers the long-polls of queues a move invalidates, as it does
+        self.invalidations = InvalidationWatch(
+            router.table.store, clock, lambda: router.directory.current.moving_realms,
+            self.long_polls_in,
+        )  # fmt: skip
 
     def buildProtocol(self, addr: Any) -> FrontProtocol:
         return FrontProtocol(self)
 
     def startFactory(self) -> None:
         self._reaper.start(self._reap_interval, now=False)
+        self.invalidations.start()
 
     def stopFactory(self) -> None:
         if self._reaper.running:
             self._reaper.stop()
+        self.invalidations.stop()
         self.holding.stop()
+
+    def long_polls_in(self, realms: frozenset[str]) -> dict[str, FrontProtocol]:
+        """Queue id -> the connection of each GET waiting for a shard of these realms."""
+        return {
+            c.pending.queue_id: c
+            for c in self.connections
+            if c.pending is not None and c.pending.method == b"GET"
+            and c.pending.realm in realms and not c.head_out
+        }  # fmt: skip
 
     def drain(self) -> None:
         """kansas is stopping: answer what can be answered, close the rest.

@@ -563,7 +563,17 @@ def _print_seen(seen: observe_client.Samples, internal: str, out: Any) -> None:
         f"  realms it sees moving: {' '.join(moving) if moving else 'none'}; requests "
         f"answered BAD_EVENT_QUEUE_ID after a move: "
         f"{total(seen, 'kansas_invalidated_answers_total'):.0f}",
+        f"  redirects followed (Tornado's X-Accel-Redirect for a user of another port): "
+        f"{total(seen, 'kansas_tornado_redirects_total'):.0f}",
     ]
+    unusable = [
+        f"{labels.get('shard')} {labels.get('problem')} {n:.0f}"
+        for labels, n in seen.get("kansas_shard_unusable_answers_total", [])
+        if n
+    ]
+    if unusable:
+        lines.append(f"  UNUSABLE shard answers (each a 502 to a client; kansas's log says "
+                     f"why): {', '.join(sorted(unusable))}")  # fmt: skip
     for line in lines:
         print(line, file=out)
 

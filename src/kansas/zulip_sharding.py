@@ -8,9 +8,11 @@ How Zulip reads the file (facts from Zulip's ``zerver/tornado/sharding.py``):
 * a realm's ports are ``shard_map[realm.host]`` if present, else those of the first
   regex that ``re.match``-es the host (case-insensitive), else ``[TORNADO_PORTS[0]]``;
   ``TORNADO_PORTS`` is the sorted set of every port in zulip.conf's
-  ``[tornado_sharding]`` (from which this file is generated), or ``[9800]``; Zulip
-  requires those ports to be contiguous from 9800, so ``TORNADO_PORTS[0]`` is 9800
-  (even when no realm is named for it, and so the file does not mention it);
+  ``[tornado_sharding]``, from which this file is rendered, so ``TORNADO_PORTS[0]`` is
+  the lowest port the file names. That is 9800 on a standard production install, but
+  not everywhere (a development or non-standard install); and a file that names no
+  port (one Tornado, no sharding) does not say it, nor does a file whose lowest
+  ``[tornado_sharding]`` port names no realm: ``--default-port`` then says it;
 * with several ports, user U of the realm lives on ``ports[U % len(ports)]``.
   (Zulip's nginx map matches the same regexes unanchored, ``~*``; but queues are
   created where Django says, so kansas follows Django's ``re.match``.)
@@ -22,9 +24,12 @@ What kansas makes of it:
 * a host with one port: a realm pin; with several: a realm split (same order, so the
   same ``user_id % n``);
 * each regex, in order: a regex rule (one shard, or a split);
-* last, Zulip's default: a regex rule ``.*`` to port 9800 (``--default-port`` for
-  another), so that realms the file does not name stay there too (``--no-default``
-  leaves them to kansas's hash instead).
+* last, Zulip's default: a regex rule ``.*`` to ``TORNADO_PORTS[0]`` (the file's lowest
+  port, or ``--default-port``), so that realms the file does not name stay there too
+  (``--no-default`` leaves them to kansas's hash instead).
+
+``kansas-ctl`` then checks that something answers HTTP at every shard URL the import
+creates or uses, and warns for each one that does not.
 
 Importing again changes nothing if nothing changed. Pins and splits of realms the file
 does not name are left alone (and reported); the regex rules are the file's, in its
@@ -47,7 +52,8 @@ if TYPE_CHECKING:
     from kansas.stores.interface import IAuthority
 
 DEFAULT_URL_TEMPLATE = "http://127.0.0.1:{port}"
-#: Zulip's TORNADO_PORTS[0]: its ports start at 9800 (contiguous, if sharded).
+#: Zulip's TORNADO_PORTS without [tornado_sharding] (one Tornado): [9800]; also where
+#: a standard production install's ports start.
 ZULIP_DEFAULT_PORT = 9800
 #: The catch-all rule that stands for Zulip's "else TORNADO_PORTS[0]".
 DEFAULT_PATTERN = ".*"
@@ -68,10 +74,10 @@ class ZulipSharding:
         return sorted(found)
 
     @property
-    def default_port(self) -> int:
-        """Zulip's TORNADO_PORTS[0]: always 9800, since Zulip requires the ports of
-        [tornado_sharding] to be contiguous from 9800."""
-        return ZULIP_DEFAULT_PORT
+    def default_port(self) -> int | None:
+        """Zulip's TORNADO_PORTS[0] as far as the file says: its lowest port (None if it
+        names none)."""
+        return min(self.ports, default=None)
 
 
 def _ports(value: Any, where: str) -> tuple[int, ...]:
@@ -152,6 +158,8 @@ class Step:
 @dataclass
 class Plan:
     new_shards: list[Shard] = field(default_factory=list)
+    #: Every shard the plan creates or uses: name -> URL (what kansas-ctl probes).
+    shards: dict[str, str] = field(default_factory=dict)
     pins: dict[str, str] = field(default_factory=dict)
     splits: dict[str, tuple[str, ...]] = field(default_factory=dict)
     #: None: the regex rules already match.
@@ -191,6 +199,12 @@ def plan_import(
     """What to change so that ``current`` places every realm where Zulip does."""
     plan = Plan()
     default = (default_port or sharding.default_port) if keep_default else None
+    if keep_default and default is None:
+        raise ConfigError(
+            "the file names no port, so it does not say where Zulip puts the realms it "
+            f"does not name: pass --default-port (Zulip's TORNADO_PORTS[0]: "
+            f"{ZULIP_DEFAULT_PORT} on a standard install) or --no-default"
+        )
     ports = sorted({*sharding.ports, *([default] if default is not None else [])})
 
     # Shards: one per port, reusing a shard already registered at the same address.
@@ -201,6 +215,7 @@ def plan_import(
         existing = by_address.get(parse_shard_url(url))
         if existing is not None:
             names[port] = existing.name
+            plan.shards[existing.name] = existing.url
             plan.steps.append(Step("keep", "shard", existing.name, existing.url))
             continue
         name = f"tornado-{port}"
@@ -210,6 +225,7 @@ def plan_import(
                 "rename or fix it, or pass the right --shard-url-template"
             )
         names[port] = name
+        plan.shards[name] = url
         plan.new_shards.append(Shard(name, url, SHARD_WEIGHT))
         plan.steps.append(Step("create", "shard", name, url))
 
@@ -294,9 +310,10 @@ def _warn(
             "(`kansas-ctl where REALM USER` shows each)"
         )
     if default is None:
+        port = f" {sharding.default_port}" if sharding.default_port else ""
         plan.warnings.append(
             "--no-default: realms the file does not name go by kansas's hash, not to "
-            f"Zulip's default port {sharding.default_port}: their queues move at cut-over"
+            f"Zulip's default port{port}: their queues move at cut-over"
         )
 
 

@@ -27,11 +27,11 @@ from hypothesis import strategies as st
 from kansas.ctl import PROBE_TIMEOUT, main, probe_shard, warn_unanswered
 from kansas.errors import KansasError
 from kansas.model import Assignment
-from kansas.router import place_queue
+from kansas.router import place_queue, realm_from_host
 from kansas.stores.memory import MemoryAuthority
 from kansas.stores.postgres import PostgresAuthority
 from kansas.testing.servers import free_port
-from kansas.zulip_sharding import apply_plan, parse_sharding, plan_import
+from kansas.zulip_sharding import apply_plan, needs_port, parse_sharding, plan_import
 
 CURRENT = {
     "shard_map": {
@@ -505,3 +505,49 @@ def test_the_import_warns_about_every_shard_nothing_answers_at(
     err = capsys.readouterr().err
     assert err.startswith(f"WARNING: nothing answers at http://127.0.0.1:{dead} for shard later ")
     assert err.count("\n") == 1
+
+
+# Hosts with a port: Zulip's realm.host on a development server is localhost:9991.
+
+
+def test_hosts_keyed_with_a_port_route_with_and_without_it(dsn: str, tmp_path: Path) -> None:
+    data = {"shard_map": {"localhost:9991": 9993, "zulip.localhost:9991": [9993, 9994]}}
+    code, out = ctl(dsn, "import-zulip-sharding", write(tmp_path, data))
+    assert code == 0, out
+    assignment = load(dsn)
+    assert dict(assignment.realm_pins) == {"localhost": "tornado-9993"}
+    assert dict(assignment.realm_splits) == {"zulip.localhost": ("tornado-9993", "tornado-9994")}
+    # nginx passes Host $http_host (localhost:9991) or $host (localhost): the same rule.
+    for host, user in (("localhost", 1), ("zulip.localhost", 0), ("zulip.localhost", 1)):
+        with_port = place_queue(assignment, realm_from_host(f"{host}:9991"), user)
+        assert with_port == place_queue(assignment, realm_from_host(host), user)
+        assert with_port is not None and with_port.reason in ("realm-pin", "realm-split")
+        assert assignment.shards[with_port.shard].port == zulip_port(data, f"{host}:9991", user)
+
+
+def test_needs_port() -> None:
+    for pattern in (r"zulip\.localhost:9991", r".*\.localhost\:9991$", r"x(?P<n>a):1"):
+        assert needs_port(pattern), pattern
+    for pattern in (r"(?:.*\.)?CHAT\.", r"[a-z:]+", r"(?i:eu)\d", r"eu:?", r"(?#a:b)x", "zulip"):
+        assert not needs_port(pattern), pattern
+
+
+def test_a_regex_that_needs_the_port_is_reported(dsn: str, tmp_path: Path) -> None:
+    data = {
+        "shard_map": {"localhost:9991": 9993},
+        "shard_regexes": [[r"(?:.*\.)?zulip\.localhost:9991", 9994], [r"(?:eu)\.", 9995]],
+    }
+    code, out = ctl(dsn, "import-zulip-sharding", write(tmp_path, data), "--dry-run")
+    assert code == 0, out
+    warnings = [line for line in out.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1, out
+    assert warnings[0].startswith(
+        r"warning: shard_regexes[0] '(?:.*\\.)?zulip\\.localhost:9991' can only match a host "
+        "with its port"
+    ), warnings
+    # Indeed it places nothing: the realm goes by the next rules (the default, here).
+    authority = MemoryAuthority()
+    authority.migrate()
+    apply_plan(plan_import(parse_sharding(data), authority.load()), authority)
+    decision = place_queue(authority.load(), realm_from_host("chat.zulip.localhost:9991"), 1)
+    assert decision is not None and decision.shard == "tornado-9993"  # TORNADO_PORTS[0]

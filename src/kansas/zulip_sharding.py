@@ -16,6 +16,11 @@ How Zulip reads the file (facts from Zulip's ``zerver/tornado/sharding.py``):
 * with several ports, user U of the realm lives on ``ports[U % len(ports)]``.
   (Zulip's nginx map matches the same regexes unanchored, ``~*``; but queues are
   created where Django says, so kansas follows Django's ``re.match``.)
+* ``realm.host`` carries the port when Zulip's ``EXTERNAL_HOST`` does (a development
+  server: ``localhost:9991``). kansas's realm is the host without its port (as
+  ``kansas.router.realm_from_host`` makes it from a ``Host`` header), so the import
+  strips ports from the file's hosts; a regex that needs the port to match cannot
+  match any kansas realm, and the import warns about it.
 
 What kansas makes of it:
 
@@ -39,6 +44,7 @@ order, replacing whatever regex rules kansas had.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +64,15 @@ ZULIP_DEFAULT_PORT = 9800
 #: The catch-all rule that stands for Zulip's "else TORNADO_PORTS[0]".
 DEFAULT_PATTERN = ".*"
 SHARD_WEIGHT = 100
+#: One token of a regex: an escape, a character class, the opening syntax of a group
+#: (``(?:``, ``(?P<name>``, ``(?i:``, a lookaround, ...), or one character.
+_REGEX_TOKEN = re.compile(
+    r"\\.|\[\^?\]?(?:\\.|[^\]\\])*\]"
+    r"|\(\?(?:P<\w+>|P=\w+\)|<?[=!]|#[^)]*\)|\(\w+\)|[aiLmsux]*(?:-[imsx]*)?[:)])|.",
+    re.DOTALL,
+)
+#: Tokens after which the one before may be absent.
+_OPTIONAL_AFTER = ("?", "*", "{0", "{,")
 
 
 @dataclass(frozen=True)
@@ -281,6 +296,18 @@ def plan_import(
     return plan
 
 
+def needs_port(pattern: str) -> bool:
+    """Whether a regex has a literal ``:`` (not in a character class nor a group's
+    syntax, nor made optional): in a realm host that is the port's separator, so the
+    regex can only match hosts with their port (Zulip's ``realm.host`` on a development
+    server), never kansas's realms, which have none."""
+    tokens = _REGEX_TOKEN.findall(pattern)
+    return any(
+        token in (":", "\\:") and not "".join(tokens[i + 1 : i + 3]).startswith(_OPTIONAL_AFTER)
+        for i, token in enumerate(tokens)
+    )
+
+
 def _warn(
     plan: Plan,
     sharding: ZulipSharding,
@@ -309,6 +336,15 @@ def _warn(
             f"{len(mapped)} user override(s) in realms of the file still apply "
             "(`kansas-ctl where REALM USER` shows each)"
         )
+    for index, (pattern, _) in enumerate(sharding.regexes):
+        if needs_port(pattern):
+            plan.warnings.append(
+                f"shard_regexes[{index}] {pattern!r} can only match a host with its port "
+                "(as Zulip's realm.host is on a development server, localhost:9991), but "
+                "kansas's realms are hosts without their port: it matches no realm here, "
+                "and the realms it names go by the rules after it (add one without the "
+                "port: kansas-ctl regex add)"
+            )
     if default is None:
         port = f" {sharding.default_port}" if sharding.default_port else ""
         plan.warnings.append(

@@ -480,15 +480,35 @@ def _import(authority: IAuthority, args: argparse.Namespace, out: Any) -> None:
         print(f"nothing to change: kansas already places realms as {args.path} does", file=out)
 
 
-def _print_shards(authority: IAuthority, out: Any) -> None:
-    assignment = authority.load()
-    pins: dict[str, int] = {}
-    for shard in assignment.realm_pins.values():
-        pins[shard] = pins.get(shard, 0) + 1
-    rows = [("NAME", "URL", "WEIGHT", "PINNED REALMS")]
-    rows += [
-        (s.name, s.url, str(s.weight), str(pins.get(s.name, 0))) for s in authority.list_shards()
+#: Realms named per shard in ``shard list``; ``realm list`` shows them all.
+REALMS_SHOWN = 5
+
+
+def realms_by_shard(assignment: Assignment) -> dict[str, list[str]]:
+    """Each shard's realms, by name: those pinned to it, and those split over it with
+    its place in the split (``big.example.com (split 1/2)``: users U with U % 2 == 0)."""
+    labelled: list[tuple[str, str, str]] = [
+        (realm, shard, realm) for realm, shard in assignment.realm_pins.items()
     ]
+    for realm, shards in assignment.realm_splits.items():
+        for shard in dict.fromkeys(shards):  # a shard may hold several places
+            places = ",".join(str(i) for i, s in enumerate(shards, start=1) if s == shard)
+            labelled.append((realm, shard, f"{realm} (split {places}/{len(shards)})"))
+    found: dict[str, list[str]] = {}
+    for _realm, shard, label in sorted(labelled):
+        found.setdefault(shard, []).append(label)
+    return found
+
+
+def _print_shards(authority: IAuthority, out: Any) -> None:
+    realms = realms_by_shard(authority.load())
+    rows = [("NAME", "URL", "WEIGHT", "PINNED REALMS")]
+    for s in authority.list_shards():
+        named = realms.get(s.name, [])
+        shown = ", ".join(named[:REALMS_SHOWN]) or "-"
+        if len(named) > REALMS_SHOWN:
+            shown += f", +{len(named) - REALMS_SHOWN} more (kansas-ctl realm list)"
+        rows.append((s.name, s.url, str(s.weight), shown))
     _table(rows, out)
 
 
@@ -587,10 +607,7 @@ def _status(authority: IAuthority, redis_url: str, out: Any, internal: str | Non
     for route in routes:
         counts = invalid if route.invalid else live
         counts[route.shard] = counts.get(route.shard, 0) + 1
-    assignment = authority.load()
-    pins: dict[str, int] = {}
-    for name in assignment.realm_pins.values():
-        pins[name] = pins.get(name, 0) + 1
+    realms = realms_by_shard(authority.load())
     header: tuple[str, ...] = ("SHARD", "URL", "WEIGHT", "STATE", "PINNED REALMS",
                                "LIVE QUEUES", "INVALIDATED")  # fmt: skip
     if seen is not None:
@@ -605,7 +622,7 @@ def _status(authority: IAuthority, redis_url: str, out: Any, internal: str | Non
         if shard.name in drained:
             state = f"drained (was {drained[shard.name]})"
         row: tuple[str, ...] = (shard.name, shard.url, str(shard.weight), state,
-                                str(pins.get(shard.name, 0)), str(live.get(shard.name, 0)),
+                                str(len(realms.get(shard.name, []))), str(live.get(shard.name, 0)),
                                 str(invalid.get(shard.name, 0)))  # fmt: skip
         if seen is not None:
             health = {1.0: "up", 0.0: "DOWN"}.get(up.get(shard.name, -1.0), "unknown")

@@ -13,9 +13,7 @@ import io
 import json
 import re
 import socket
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,7 @@ from kansas.model import Assignment
 from kansas.router import place_queue, realm_from_host
 from kansas.stores.memory import MemoryAuthority
 from kansas.stores.postgres import PostgresAuthority
-from kansas.testing.servers import free_port
+from kansas.testing.servers import free_port, not_found_server
 from kansas.zulip_sharding import apply_plan, needs_port, parse_sharding, plan_import
 
 CURRENT = {
@@ -440,23 +438,11 @@ def test_the_probe_without_sockets() -> None:
     )
 
 
-class _Answering(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        self.send_error(404)  # as a Tornado answers GET /
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
 def answering_port() -> Iterator[int]:
-    """A port where an HTTP server answers."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Answering)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
+    """A port where an HTTP server answers (404, as a Tornado answers GET /)."""
+    with not_found_server() as port:
+        yield port
 
 
 def test_the_probe_with_a_listening_socket_and_a_closed_port(answering_port: int) -> None:

@@ -9,7 +9,7 @@ import sys
 import pytest
 import pytest_twisted
 
-from kansas.ctl import main
+from kansas.ctl import REALMS_SHOWN, main
 from kansas.model import QueueRoute
 from kansas.schema import SCHEMA_VERSION
 from kansas.stores.redis import RedisRouteStore, parse_redis_url
@@ -33,8 +33,8 @@ def test_manages_shards_pins_and_overrides(postgres_dsn: str) -> None:
     code, listing = run(*pg, "shard", "list")
     assert code == 0
     assert listing.splitlines()[1:] == [
-        "a     http://127.0.0.1:9800  100     0",
-        "b     http://127.0.0.1:9801  0       1",
+        "a     http://127.0.0.1:9800  100     -",
+        "b     http://127.0.0.1:9801  0       big.example.com",
     ]
     assert run(*pg, "where", "big.example.com") == (0, "b (realm-pin)\n")
     assert run(*pg, "where", "other.example.com", "3") == (0, "a (hash)\n")
@@ -144,6 +144,22 @@ def test_splits_and_regex_rules(postgres_dsn: str, capsys: pytest.CaptureFixture
         "big.example.com    split  a b",
         "small.example.com  pin    a",
     ]
+    # shard list names each shard's realms, its places in splits too.
+    assert run(*pg, "realm", "split", "Huge.Example.com", "b", "a", "b")[0] == 0
+    code, listing = run(*pg, "shard", "list")
+    assert code == 0 and listing.splitlines()[1:] == [
+        "a     http://127.0.0.1:9800  100     big.example.com (split 1/2), huge.example.com "
+        "(split 2/3), small.example.com",
+        "b     http://127.0.0.1:9801  100     big.example.com (split 2/2), huge.example.com "
+        "(split 1,3/3)",
+    ]
+    for i in range(REALMS_SHOWN):
+        run(*pg, "realm", "pin", f"r{i}.example.com", "b")
+    listing = run(*pg, "shard", "list")[1]
+    assert listing.splitlines()[2].endswith("r2.example.com, +2 more (kansas-ctl realm list)"), (
+        listing
+    )
+    assert run(*pg, "realm", "unsplit", "huge.example.com")[0] == 0
     assert run(*pg, "regex", "add", r"eu\d+\.", "b")[0] == 0
     assert run(*pg, "regex", "add", ".*", "a")[0] == 0
     assert run(*pg, "where", "EU12.example.com", "1") == (0, "b (regex)\n")

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 
@@ -253,6 +254,41 @@ def test_bad_input_gets_json_errors_and_kansas_keeps_serving(stack: Stack) -> No
             assert s.recv(4096) == b""  # closed after a protocol error
 
     assert stack.get(queue_id, ONE).status == 200  # still serving
+
+
+def test_queue_creation_needs_the_realms_host(stack: Stack) -> None:
+    internal = stack.kansas.internal_port
+    form = {"secret": SECRET, "user_profile_id": 1, "dont_block": "true"}
+    hosts = ["127.0.0.1", f"127.0.0.1:{internal}", f"[::1]:{internal}", "::1",
+             f"localhost:{internal}"]  # fmt: skip
+    for host in hosts:  # an IP address, or kansas's own listener: no realm named
+        reply = call(internal, "POST", "/api/v1/events/internal", host=host, form=form)
+        assert reply.status == 400 and reply.json["code"] == "BAD_REQUEST", (host, reply)
+        assert "must be the realm's host, as Django sends it" in reply.json["msg"], reply.json
+    body = urlencode(form).encode()
+    with socket.create_connection(("127.0.0.1", internal), timeout=5) as s:  # no Host at all
+        s.sendall(b"POST /api/v1/events/internal HTTP/1.1\r\nConnection: close\r\n"
+                  b"Content-Type: application/x-www-form-urlencoded\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+        answer = b"".join(iter(lambda: s.recv(65536), b""))
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    assert b'"code":"BAD_REQUEST"' in answer and b"(missing)" in answer, answer
+    assert stack.held_by("a") == stack.held_by("b") == {}  # nothing reached a shard
+
+    # Zulip's development realm: localhost, with its port in realm.host or not. A
+    # sharding.json keyed localhost:9991 routes both to the same shard.
+    ports = {name: shard.port for name, shard in stack.shards.items()}
+    sharding = stack.tmp / "sharding.json"
+    sharding.write_text(json.dumps({"shard_map": {"localhost:9991": ports["b"]}}))
+    stack.ctl("import-zulip-sharding", str(sharding), "--default-port", str(ports["a"]))
+    stack.kansas.restart()  # start from the imported rules (no wait for NOTIFY here)
+    queues = [stack.create_queue(host, user) for host in ("localhost:9991", "localhost")
+              for user in (1, 2)]  # fmt: skip
+    assert sorted(stack.held_by("b")) == sorted(queues)
+    assert stack.create_queue(ONE, 1) in stack.held_by("a")  # Zulip's default port
+    for queue_id in queues:
+        assert b'"realm":"localhost"' in (redis_command_get(stack, queue_id) or b"")
+        assert stack.get(queue_id, "localhost:9991").status == 200
 
 
 class NotJsonShard(threading.Thread):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,6 +16,7 @@ from kansas.router import (
     place_queue,
     realm_from_host,
     realm_home,
+    realm_host_problem,
     realm_shards,
     regex_rule_index,
 )
@@ -34,6 +36,34 @@ def test_realm_from_host() -> None:
     assert realm_from_host("chat.example.com.") == "chat.example.com"
     assert realm_from_host("[::1]:9799") == "[::1]"
     assert realm_from_host(None) == ""
+    # Zulip's development realm keeps its port in realm.host: the same realm either way.
+    assert realm_from_host("localhost:9991") == realm_from_host("localhost") == "localhost"
+
+
+@pytest.mark.parametrize(
+    ("host", "problem"),
+    [
+        (None, "missing"),
+        (b"  ", "missing"),
+        ("127.0.0.1", "an IP address"),
+        ("127.0.0.1:9798", "an IP address"),
+        ("10.1.2.3.", "an IP address"),
+        ("[::1]", "an IP address"),
+        ("[::1]:9798", "an IP address"),
+        ("::1", "an IP address"),
+        ("fe80::1:9798", "an IP address"),
+        ("localhost:9798", "kansas's own internal listener"),  # Django forgot the Host
+        ("chat.example.com:9798", "kansas's own internal listener"),
+        ("chat example", "not a host name"),
+        ("localhost", None),  # Zulip's development realm, with or without its port
+        ("localhost:9991", None),
+        (b"Chat.Example.com", None),
+        ("chat.example.com:443", None),
+        ("1.example.com", None),
+    ],
+)
+def test_realm_host_problem(host: str | bytes | None, problem: str | None) -> None:
+    assert realm_host_problem(host, own_port=9798) == problem
 
 
 def test_user_override_beats_pin_beats_hash() -> None:

@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 from typing import Any
 
 import pytest
+import pytest_twisted
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
@@ -14,6 +17,8 @@ from kansas.demo.shard import DemoShard, ShardError
 from kansas.errors import KansasError
 from kansas.model import QueueRoute, Shard
 from kansas.stores.memory import MemoryAuthority, MemoryRouteStore
+from kansas.stores.postgres import PostgresAuthority
+from kansas.testing.servers import not_found_server
 from kansas.transparent.mover import (
     COMMITTED,
     MARKED,
@@ -249,3 +254,53 @@ def test_ctl_needs_the_shards_secret(
         "KANSAS_SHARD_SECRET\n"  # fmt: skip
     assert ctl([*pg, "user", "move", REALM, "7", "nowhere", "--transparent", "--secret", "s"]) == 1
     assert "no shard named 'nowhere'" in capsys.readouterr().err
+
+
+@pytest_twisted.ensureDeferred
+async def test_ctl_says_plainly_when_a_shard_lacks_the_protocol(
+    postgres_dsn: str, redis_url: str
+) -> None:
+    """Unmodified Zulip Tornados answer 404 to the protocol's paths: the move says the
+    shard does not support transparent moves and that nothing moved, and rolls back."""
+    from twisted.internet import reactor
+
+    from kansas.ctl import main as ctl
+    from kansas.stores.redis import RedisRouteStore, parse_redis_url
+
+    pg = ["--postgres", postgres_dsn, "--redis", redis_url]
+    store = RedisRouteStore(parse_redis_url(redis_url), reactor)
+    with not_found_server() as a_port, not_found_server() as b_port:
+        assert ctl([*pg, "migrate"]) == 0
+        assert ctl([*pg, "shard", "add", "a", f"http://127.0.0.1:{a_port}"]) == 0
+        assert ctl([*pg, "shard", "add", "b", f"http://127.0.0.1:{b_port}"]) == 0
+        assert ctl([*pg, "realm", "pin", REALM, "a"]) == 0
+        before = [QueueRoute(f"q{i}", "a", REALM, i, 600) for i in range(3)]
+        for route in before:
+            await store.put(route)
+        moved = subprocess.run(
+            [sys.executable, "-m", "kansas.ctl", *pg, "realm", "move", REALM, "b",
+             "--transparent", "--secret", "s", "--settle", "0"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    try:
+        assert moved.returncode == 1, moved.stdout + moved.stderr
+        assert moved.stderr == (
+            "kansas-ctl: error: shard b does not support transparent moves: it answered 404 "
+            "to /api/internal/kansas/prepare, as a Tornado without the shard protocol "
+            "(docs/transparent-moves.md) does, an unmodified Zulip's among them. Nothing was "
+            "moved: every queue stays on its shard\n"
+        )
+        # The rollback it always did, and no noise from the shards that know no protocol.
+        assert "rolled back, its queues stay on a" in moved.stdout, moved.stdout
+        assert f"realm {REALM} pinned back to a" in moved.stdout, moved.stdout
+        assert "warning" not in moved.stdout, moved.stdout
+        assert sorted(await store.routes(REALM), key=lambda r: r.queue_id) == before
+        assert await store.journal(REALM) is None
+    finally:
+        await store.close()
+    authority = PostgresAuthority(postgres_dsn)
+    try:
+        assert authority.load().realm_pins[REALM] == "a"
+        assert authority.list_moves()[0].state == "interrupted"
+    finally:
+        authority.close()

@@ -11,12 +11,14 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Sequence
-from typing import Any, NoReturn
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NoReturn, Protocol
+from urllib.parse import urlsplit
 
 from kansas import __version__
 from kansas.errors import KansasError
-from kansas.model import Assignment, QueueRoute
+from kansas.model import Assignment, QueueRoute, parse_shard_url
 from kansas.moves import (
     DEFAULT_RELOAD_RATE,
     DEFAULT_SETTLE_SECONDS,
@@ -34,11 +36,87 @@ from kansas.stores.postgres import PostgresAuthority
 from kansas.transparent.protocol import DEFAULT_BATCH, DEFAULT_DEADLINE
 from kansas.zulip_sharding import (
     DEFAULT_URL_TEMPLATE,
+    ZULIP_DEFAULT_PORT,
     apply_plan,
     load_sharding,
     plan_import,
     plan_rows,
 )
+
+#: How long kansas-ctl waits for a shard to accept a connection, then to answer.
+PROBE_TIMEOUT = 2.0
+#: Any HTTP server answers it, and no Tornado acts on it (Zulip's answers 404).
+_PROBE_REQUEST = b"GET / HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n"
+_PROBE_READ_LIMIT = 65536
+
+
+class Connection(Protocol):
+    """What ``probe_shard`` needs of a socket."""
+
+    def sendall(self, data: bytes, /) -> None: ...
+    def recv(self, size: int, /) -> bytes: ...
+    def close(self) -> None: ...
+
+
+Connect = Callable[[tuple[str, int], float], Connection]
+
+
+def probe_shard(
+    url: str, timeout: float = PROBE_TIMEOUT, connect: Connect = socket.create_connection
+) -> str | None:
+    """Why nothing answers HTTP at a shard's ``url``, or None if something does: a TCP
+    connect, then ``GET /``, each given ``timeout`` seconds; any HTTP answer counts."""
+    host, port = parse_shard_url(url)
+    try:
+        conn = connect((host, port), timeout)
+    except TimeoutError:
+        return f"no connection within {timeout:g} s"
+    except OSError as e:
+        return _os_reason(e)
+    answer = b""
+    try:
+        conn.sendall(_PROBE_REQUEST % urlsplit(url).netloc.encode("ascii", "replace"))
+        # Read the answer to its end (closing on unread bytes would reset the shard's
+        # connection mid-write); its first bytes are enough to tell.
+        while len(answer) < _PROBE_READ_LIMIT:
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    except TimeoutError:
+        if not answer:
+            return f"it accepts connections but sent no answer within {timeout:g} s"
+    except OSError as e:
+        if not answer:
+            return f"it accepts connections, then {_os_reason(e)}"
+    finally:
+        conn.close()
+    if not answer:
+        return "it accepts connections but closes them without an answer"
+    if not answer.startswith(b"HTTP/"):
+        return "it accepts connections but does not answer HTTP"
+    return None
+
+
+def _os_reason(error: OSError) -> str:
+    text = error.strerror or str(error) or type(error).__name__
+    return text[:1].lower() + text[1:]
+
+
+def warn_unanswered(
+    shards: Mapping[str, str], probe: Callable[[str], str | None] = probe_shard
+) -> int:
+    """Probe every shard (name -> URL) at once; one loud line on stderr for each that
+    does not answer. How many did not."""
+    if not shards:
+        return 0
+    with ThreadPoolExecutor(max_workers=min(len(shards), 16)) as pool:
+        reasons = list(pool.map(probe, shards.values()))
+    for (name, url), reason in zip(shards.items(), reasons, strict=True):
+        if reason is not None:
+            print(f"WARNING: nothing answers at {url} for shard {name} ({reason}); realms "
+                  "placed there will get no events until it does", file=sys.stderr)  # fmt: skip
+    return sum(reason is not None for reason in reasons)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -147,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     shard = commands.add_parser("shard", help="register and list shards")
     shard_cmds = shard.add_subparsers(dest="action", required=True, parser_class=_Parser)
-    add = shard_cmds.add_parser("add", help="register a Tornado shard")
+    add = shard_cmds.add_parser(
+        "add", help="register a Tornado shard (warns if nothing answers at its URL)"
+    )
     add.add_argument("name")
     add.add_argument("url", help="http://HOST:PORT")
     add.add_argument("--weight", type=_nonnegative, default=100, help="default %(default)s")
@@ -219,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     imp = commands.add_parser(
         "import-zulip-sharding",
-        help="create shards and rules from Zulip's sharding.json (every realm stays put)",
+        help="create shards and rules from Zulip's sharding.json (every realm stays put); "
+        "warns about every shard URL where nothing answers",
     )
     imp.add_argument("path", help="Zulip's sharding.json (usually /etc/zulip/sharding.json)")
     imp.add_argument(
@@ -232,7 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     default.add_argument(
         "--default-port",
         type=_port,
-        help="Zulip's TORNADO_PORTS[0], where realms the file does not name live [9800]",
+        help="Zulip's TORNADO_PORTS[0], where realms the file does not name live "
+        "[the lowest port in the file; required if it names none: "
+        f"{ZULIP_DEFAULT_PORT} on a standard install]",
     )
     default.add_argument(
         "--no-default",
@@ -298,6 +381,7 @@ def _run(args: argparse.Namespace, out: Any) -> None:
         if args.command == "shard" and args.action == "add":
             shard = authority.add_shard(args.name, args.url, args.weight)
             print(f"added shard {shard.name} at {shard.url} (weight {shard.weight})", file=out)
+            warn_unanswered({shard.name: shard.url})
         elif args.command == "shard" and args.action == "weight":
             shard = authority.set_weight(args.name, args.weight)
             print(f"shard {shard.name} now has weight {shard.weight}", file=out)
@@ -386,6 +470,7 @@ def _import(authority: IAuthority, args: argparse.Namespace, out: Any) -> None:
     _table(plan_rows(plan), out)
     for warning in plan.warnings:
         print(f"warning: {warning}", file=out)
+    warn_unanswered(plan.shards)
     if args.dry_run:
         print(f"dry run: {plan.changes} change(s) planned, nothing written", file=out)
     elif plan.changes:
@@ -395,15 +480,35 @@ def _import(authority: IAuthority, args: argparse.Namespace, out: Any) -> None:
         print(f"nothing to change: kansas already places realms as {args.path} does", file=out)
 
 
-def _print_shards(authority: IAuthority, out: Any) -> None:
-    assignment = authority.load()
-    pins: dict[str, int] = {}
-    for shard in assignment.realm_pins.values():
-        pins[shard] = pins.get(shard, 0) + 1
-    rows = [("NAME", "URL", "WEIGHT", "PINNED REALMS")]
-    rows += [
-        (s.name, s.url, str(s.weight), str(pins.get(s.name, 0))) for s in authority.list_shards()
+#: Realms named per shard in ``shard list``; ``realm list`` shows them all.
+REALMS_SHOWN = 5
+
+
+def realms_by_shard(assignment: Assignment) -> dict[str, list[str]]:
+    """Each shard's realms, by name: those pinned to it, and those split over it with
+    its place in the split (``big.example.com (split 1/2)``: users U with U % 2 == 0)."""
+    labelled: list[tuple[str, str, str]] = [
+        (realm, shard, realm) for realm, shard in assignment.realm_pins.items()
     ]
+    for realm, shards in assignment.realm_splits.items():
+        for shard in dict.fromkeys(shards):  # a shard may hold several places
+            places = ",".join(str(i) for i, s in enumerate(shards, start=1) if s == shard)
+            labelled.append((realm, shard, f"{realm} (split {places}/{len(shards)})"))
+    found: dict[str, list[str]] = {}
+    for _realm, shard, label in sorted(labelled):
+        found.setdefault(shard, []).append(label)
+    return found
+
+
+def _print_shards(authority: IAuthority, out: Any) -> None:
+    realms = realms_by_shard(authority.load())
+    rows = [("NAME", "URL", "WEIGHT", "PINNED REALMS")]
+    for s in authority.list_shards():
+        named = realms.get(s.name, [])
+        shown = ", ".join(named[:REALMS_SHOWN]) or "-"
+        if len(named) > REALMS_SHOWN:
+            shown += f", +{len(named) - REALMS_SHOWN} more (kansas-ctl realm list)"
+        rows.append((s.name, s.url, str(s.weight), shown))
     _table(rows, out)
 
 
@@ -502,10 +607,7 @@ def _status(authority: IAuthority, redis_url: str, out: Any, internal: str | Non
     for route in routes:
         counts = invalid if route.invalid else live
         counts[route.shard] = counts.get(route.shard, 0) + 1
-    assignment = authority.load()
-    pins: dict[str, int] = {}
-    for name in assignment.realm_pins.values():
-        pins[name] = pins.get(name, 0) + 1
+    realms = realms_by_shard(authority.load())
     header: tuple[str, ...] = ("SHARD", "URL", "WEIGHT", "STATE", "PINNED REALMS",
                                "LIVE QUEUES", "INVALIDATED")  # fmt: skip
     if seen is not None:
@@ -520,7 +622,7 @@ def _status(authority: IAuthority, redis_url: str, out: Any, internal: str | Non
         if shard.name in drained:
             state = f"drained (was {drained[shard.name]})"
         row: tuple[str, ...] = (shard.name, shard.url, str(shard.weight), state,
-                                str(pins.get(shard.name, 0)), str(live.get(shard.name, 0)),
+                                str(len(realms.get(shard.name, []))), str(live.get(shard.name, 0)),
                                 str(invalid.get(shard.name, 0)))  # fmt: skip
         if seen is not None:
             health = {1.0: "up", 0.0: "DOWN"}.get(up.get(shard.name, -1.0), "unknown")

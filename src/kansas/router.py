@@ -19,6 +19,7 @@ A rule that lands on a shard no longer registered is skipped: the next rule deci
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
@@ -72,6 +73,36 @@ def valid_realm(realm: str) -> bool:
     """A realm host kansas will route: a DNS name or IP literal, nothing else (Host
     headers are client-chosen, and realms end up in logs and Redis values)."""
     return 0 < len(realm) <= 253 and _HOST_CHARS.issuperset(realm)
+
+
+def realm_host_problem(host: str | bytes | None, own_port: int | None = None) -> str | None:
+    """Why a queue creation's ``Host`` cannot be its realm's host, or None if it can.
+
+    Django sends the realm's host (``realm.host``, maybe with a port: a development
+    server's ``localhost:9991`` is a realm). A missing Host, an IP address, or kansas's
+    own internal listener (``own_port``: a Django posting to kansas without setting the
+    Host) names no realm, and would place the queue as realm ``127.0.0.1`` on a shard
+    its realm's rules do not name.
+    """
+    if isinstance(host, bytes):
+        host = host.decode("latin-1")
+    host = (host or "").strip().lower()
+    if not host:
+        return "missing"
+    if host.startswith("["):  # an IPv6 literal, maybe with a port
+        return "an IP address"
+    name, _, port = host.partition(":") if host.count(":") == 1 else (host, "", "")
+    try:
+        ipaddress.ip_address(name.rstrip("."))
+    except ValueError:
+        pass
+    else:
+        return "an IP address"  # also a bare IPv6 literal (several ':')
+    if own_port is not None and port == str(own_port):
+        return "kansas's own internal listener"
+    if not valid_realm(realm_from_host(host)):
+        return "not a host name"
+    return None
 
 
 def hashed_shard(assignment: Assignment, realm: str) -> str | None:

@@ -8,12 +8,19 @@ How Zulip reads the file (facts from Zulip's ``zerver/tornado/sharding.py``):
 * a realm's ports are ``shard_map[realm.host]`` if present, else those of the first
   regex that ``re.match``-es the host (case-insensitive), else ``[TORNADO_PORTS[0]]``;
   ``TORNADO_PORTS`` is the sorted set of every port in zulip.conf's
-  ``[tornado_sharding]`` (from which this file is generated), or ``[9800]``; Zulip
-  requires those ports to be contiguous from 9800, so ``TORNADO_PORTS[0]`` is 9800
-  (even when no realm is named for it, and so the file does not mention it);
+  ``[tornado_sharding]``, from which this file is rendered, so ``TORNADO_PORTS[0]`` is
+  the lowest port the file names. That is 9800 on a standard production install, but
+  not everywhere (a development or non-standard install); and a file that names no
+  port (one Tornado, no sharding) does not say it, nor does a file whose lowest
+  ``[tornado_sharding]`` port names no realm: ``--default-port`` then says it;
 * with several ports, user U of the realm lives on ``ports[U % len(ports)]``.
   (Zulip's nginx map matches the same regexes unanchored, ``~*``; but queues are
   created where Django says, so kansas follows Django's ``re.match``.)
+* ``realm.host`` carries the port when Zulip's ``EXTERNAL_HOST`` does (a development
+  server: ``localhost:9991``). kansas's realm is the host without its port (as
+  ``kansas.router.realm_from_host`` makes it from a ``Host`` header), so the import
+  strips ports from the file's hosts; a regex that needs the port to match cannot
+  match any kansas realm, and the import warns about it.
 
 What kansas makes of it:
 
@@ -22,9 +29,12 @@ What kansas makes of it:
 * a host with one port: a realm pin; with several: a realm split (same order, so the
   same ``user_id % n``);
 * each regex, in order: a regex rule (one shard, or a split);
-* last, Zulip's default: a regex rule ``.*`` to port 9800 (``--default-port`` for
-  another), so that realms the file does not name stay there too (``--no-default``
-  leaves them to kansas's hash instead).
+* last, Zulip's default: a regex rule ``.*`` to ``TORNADO_PORTS[0]`` (the file's lowest
+  port, or ``--default-port``), so that realms the file does not name stay there too
+  (``--no-default`` leaves them to kansas's hash instead).
+
+``kansas-ctl`` then checks that something answers HTTP at every shard URL the import
+creates or uses, and warns for each one that does not.
 
 Importing again changes nothing if nothing changed. Pins and splits of realms the file
 does not name are left alone (and reported); the regex rules are the file's, in its
@@ -34,6 +44,7 @@ order, replacing whatever regex rules kansas had.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,11 +58,21 @@ if TYPE_CHECKING:
     from kansas.stores.interface import IAuthority
 
 DEFAULT_URL_TEMPLATE = "http://127.0.0.1:{port}"
-#: Zulip's TORNADO_PORTS[0]: its ports start at 9800 (contiguous, if sharded).
+#: Zulip's TORNADO_PORTS without [tornado_sharding] (one Tornado): [9800]; also where
+#: a standard production install's ports start.
 ZULIP_DEFAULT_PORT = 9800
 #: The catch-all rule that stands for Zulip's "else TORNADO_PORTS[0]".
 DEFAULT_PATTERN = ".*"
 SHARD_WEIGHT = 100
+#: One token of a regex: an escape, a character class, the opening syntax of a group
+#: (``(?:``, ``(?P<name>``, ``(?i:``, a lookaround, ...), or one character.
+_REGEX_TOKEN = re.compile(
+    r"\\.|\[\^?\]?(?:\\.|[^\]\\])*\]"
+    r"|\(\?(?:P<\w+>|P=\w+\)|<?[=!]|#[^)]*\)|\(\w+\)|[aiLmsux]*(?:-[imsx]*)?[:)])|.",
+    re.DOTALL,
+)
+#: Tokens after which the one before may be absent.
+_OPTIONAL_AFTER = ("?", "*", "{0", "{,")
 
 
 @dataclass(frozen=True)
@@ -68,10 +89,10 @@ class ZulipSharding:
         return sorted(found)
 
     @property
-    def default_port(self) -> int:
-        """Zulip's TORNADO_PORTS[0]: always 9800, since Zulip requires the ports of
-        [tornado_sharding] to be contiguous from 9800."""
-        return ZULIP_DEFAULT_PORT
+    def default_port(self) -> int | None:
+        """Zulip's TORNADO_PORTS[0] as far as the file says: its lowest port (None if it
+        names none)."""
+        return min(self.ports, default=None)
 
 
 def _ports(value: Any, where: str) -> tuple[int, ...]:
@@ -152,6 +173,8 @@ class Step:
 @dataclass
 class Plan:
     new_shards: list[Shard] = field(default_factory=list)
+    #: Every shard the plan creates or uses: name -> URL (what kansas-ctl probes).
+    shards: dict[str, str] = field(default_factory=dict)
     pins: dict[str, str] = field(default_factory=dict)
     splits: dict[str, tuple[str, ...]] = field(default_factory=dict)
     #: None: the regex rules already match.
@@ -191,6 +214,12 @@ def plan_import(
     """What to change so that ``current`` places every realm where Zulip does."""
     plan = Plan()
     default = (default_port or sharding.default_port) if keep_default else None
+    if keep_default and default is None:
+        raise ConfigError(
+            "the file names no port, so it does not say where Zulip puts the realms it "
+            f"does not name: pass --default-port (Zulip's TORNADO_PORTS[0]: "
+            f"{ZULIP_DEFAULT_PORT} on a standard install) or --no-default"
+        )
     ports = sorted({*sharding.ports, *([default] if default is not None else [])})
 
     # Shards: one per port, reusing a shard already registered at the same address.
@@ -201,6 +230,7 @@ def plan_import(
         existing = by_address.get(parse_shard_url(url))
         if existing is not None:
             names[port] = existing.name
+            plan.shards[existing.name] = existing.url
             plan.steps.append(Step("keep", "shard", existing.name, existing.url))
             continue
         name = f"tornado-{port}"
@@ -210,6 +240,7 @@ def plan_import(
                 "rename or fix it, or pass the right --shard-url-template"
             )
         names[port] = name
+        plan.shards[name] = url
         plan.new_shards.append(Shard(name, url, SHARD_WEIGHT))
         plan.steps.append(Step("create", "shard", name, url))
 
@@ -265,6 +296,18 @@ def plan_import(
     return plan
 
 
+def needs_port(pattern: str) -> bool:
+    """Whether a regex has a literal ``:`` (not in a character class nor a group's
+    syntax, nor made optional): in a realm host that is the port's separator, so the
+    regex can only match hosts with their port (Zulip's ``realm.host`` on a development
+    server), never kansas's realms, which have none."""
+    tokens = _REGEX_TOKEN.findall(pattern)
+    return any(
+        token in (":", "\\:") and not "".join(tokens[i + 1 : i + 3]).startswith(_OPTIONAL_AFTER)
+        for i, token in enumerate(tokens)
+    )
+
+
 def _warn(
     plan: Plan,
     sharding: ZulipSharding,
@@ -293,10 +336,20 @@ def _warn(
             f"{len(mapped)} user override(s) in realms of the file still apply "
             "(`kansas-ctl where REALM USER` shows each)"
         )
+    for index, (pattern, _) in enumerate(sharding.regexes):
+        if needs_port(pattern):
+            plan.warnings.append(
+                f"shard_regexes[{index}] {pattern!r} can only match a host with its port "
+                "(as Zulip's realm.host is on a development server, localhost:9991), but "
+                "kansas's realms are hosts without their port: it matches no realm here, "
+                "and the realms it names go by the rules after it (add one without the "
+                "port: kansas-ctl regex add)"
+            )
     if default is None:
+        port = f" {sharding.default_port}" if sharding.default_port else ""
         plan.warnings.append(
             "--no-default: realms the file does not name go by kansas's hash, not to "
-            f"Zulip's default port {sharding.default_port}: their queues move at cut-over"
+            f"Zulip's default port{port}: their queues move at cut-over"
         )
 
 

@@ -6,7 +6,8 @@ whose forwarding path is replaced: the shard is chosen per request, and requests
 over kansas's persistent HTTP/1.1 connections instead of the stock HTTP/1.0 client.
 
 * ``POST /api/v1/events/internal``: without ``queue_id``, create a queue on the shard
-  the router places it on and record the mapping; with one, route by the queue.
+  the router places it on and record the mapping (refused, 400, unless its ``Host`` is
+  a realm's host: ``kansas.router.realm_host_problem``); with one, route by the queue.
 * ``POST /api/internal/notify_tornado`` and ``…/web_reload_clients``: sent to every
   shard, replies combined.
 * ``GET /metrics`` and ``GET /debug/trace?queue=ID``: see ``kansas.observe.web``.
@@ -56,7 +57,7 @@ from kansas.proxy.forwarding import (
 from kansas.proxy.front import RETIRE_IDLE_SECONDS
 from kansas.proxy.notify import NotifyDispatcher
 from kansas.proxy.sending import has_unread
-from kansas.router import place_queue, realm_from_host
+from kansas.router import place_queue, realm_from_host, realm_host_problem
 from kansas.transparent.protocol import NOTIFICATION_HEADER
 
 _NOTIFICATION_LOWER = NOTIFICATION_HEADER.lower().encode()
@@ -249,6 +250,14 @@ class QueueResource(ShardProxyResource):
                 request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
                 return bad_queue_body(queue_id)
             return self.router.route(queue_id, realm)
+        host = request.getHeader(b"host")
+        problem = realm_host_problem(host, getattr(request.getHost(), "port", None))
+        if problem is not None:
+            shown = "" if host is None else f" {host.decode('latin-1')[:100]!r}"
+            msg = (f"Bad Host header{shown} ({problem}): a queue is created for the realm "
+                   "named by Host, which must be the realm's host, as Django sends it "
+                   "(realm.host)")  # fmt: skip
+            return _json_error(request, 400, msg)
         user = _arg(request, b"user_profile_id")
         if user is None or not user.isdigit():
             return _json_error(request, 400, "Missing or bad 'user_profile_id' argument")

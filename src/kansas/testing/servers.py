@@ -1,4 +1,5 @@
-"""Private redis-server and PostgreSQL processes: a temp dir, a free port, stopped after.
+"""Private redis-server and PostgreSQL processes: a temp dir, a free port, stopped after;
+and ``not_found_server``, an HTTP server that knows no path.
 
 Used by kansas's own test fixtures and by ``make run``. Never touches the machine's
 shared servers on 6379/5432. PostgreSQL refuses to run as root, so when we are root it
@@ -15,8 +16,11 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import IO, Any
 
@@ -31,6 +35,40 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class _NotFound(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    #: What Tornado answers for a path it does not serve.
+    BODY = b"<html><title>404: Not Found</title><body>404: Not Found</body></html>"
+
+    def _answer(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(404)
+        self.send_header("Content-Type", "text/html; charset=UTF-8")
+        self.send_header("Content-Length", str(len(self.BODY)))
+        self.end_headers()
+        self.wfile.write(self.BODY)
+
+    do_GET = do_POST = do_DELETE = _answer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextmanager
+def not_found_server() -> Iterator[int]:
+    """The port of an HTTP server answering every request 404, as a Tornado does for a
+    path it does not serve (an unmodified Zulip's, for the transparent-move protocol)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _NotFound)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def wait_until(ready: Callable[[], bool], what: str, proc: subprocess.Popen[Any]) -> None:

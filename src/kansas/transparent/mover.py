@@ -64,6 +64,11 @@ class BatchFailed(KansasError):
     """A batch could not complete (and was rolled back)."""
 
 
+class ShardUnsupported(BatchFailed):
+    """A shard answered 404 to a path of the shard protocol: it does not implement it
+    (an unmodified Zulip Tornado answers 404 to every path it does not know)."""
+
+
 @dataclass
 class Batch:
     """One batch, as kept in the realm's journal."""
@@ -128,6 +133,12 @@ class ShardClient:
             reply = await sink.done
         except ShardFailure as e:
             raise BatchFailed(f"{what} on shard {shard.name}: {e}") from None
+        if reply.status == 404:  # the protocol's paths are no error a shard may answer
+            raise ShardUnsupported(
+                f"shard {shard.name} does not support transparent moves: it answered 404 to "
+                f"{path.decode()}, as a Tornado without the shard protocol "
+                "(docs/transparent-moves.md) does, an unmodified Zulip's among them"
+            )
         data = reply.json()
         if reply.status != 200 or data is None or data.get("result") != "success":
             detail = (data or {}).get("code") or f"status {reply.status}"
@@ -295,6 +306,8 @@ class TransparentMover:
             if batch.state != COMMITTED:
                 await self._abort(batch)
                 self.progress.rolled_back += 1
+                if isinstance(e, ShardUnsupported):
+                    raise  # it says why; the move says what did not move
                 raise BatchFailed(f"batch rolled back: {reason}") from None
             raise
         self.progress.pauses.append(self.clock.seconds() - marked_at)
@@ -308,6 +321,8 @@ class TransparentMover:
         for name in (batch.old, batch.new):
             try:
                 await self.client.finish(self._shard(name), batch.id, commit)
+            except ShardUnsupported:
+                pass  # a shard without the protocol holds nothing of the batch
             except KansasError as e:
                 # Leases clean up on the shard (a restarted one has nothing to clean).
                 self.say(f"warning: {e} (left to the shard's lease)")
@@ -383,11 +398,19 @@ async def move_transparently(
                         f"{pause:.0f} ms{slow}; {mover.progress.moved} moved")  # fmt: skip
                     if number < len(groups):
                         await sleep(clock, interval)
-        except BaseException:
+        except BaseException as e:
             authority.update_move(move.id, mover.progress.moved, "interrupted")
             if user_id is None and mover.progress.rolled_back:
                 _restore_placement(authority, realm, before.realm_pins.get(realm),
                                    before.realm_splits.get(realm), say)  # fmt: skip
+            if isinstance(e, ShardUnsupported):
+                moved = mover.progress.moved
+                raise ShardUnsupported(
+                    f"{e}. Nothing was moved: every queue stays on its shard"
+                    if not moved
+                    else f"{e}. Only the {moved} queue(s) of earlier batches moved; the "
+                    "others stay on their shard"
+                ) from None
             raise
         authority.update_move(move.id, mover.progress.moved, "done")
     finally:
@@ -423,4 +446,11 @@ def describe(progress: TransparentProgress) -> str:
             f"{p50:.0f} ms per batch (median), {pauses[-1] * 1000:.0f} ms at most")  # fmt: skip
 
 
-__all__ = ["Batch", "ShardClient", "TransparentMover", "move_transparently", "resume_action"]
+__all__ = [
+    "Batch",
+    "ShardClient",
+    "ShardUnsupported",
+    "TransparentMover",
+    "move_transparently",
+    "resume_action",
+]

@@ -87,7 +87,8 @@ from twisted.internet.interfaces import (
     IReactorTCP,
     IReactorTime,
 )
-from twisted.internet.protocol import ServerFactory
+from twisted.internet.protocol import Protocol as TwistedProtocol
+from twisted.internet.protocol import ServerFactory, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import (
     FilteringLogObserver,
@@ -99,7 +100,7 @@ from twisted.logger import (
 )
 from twisted.python.failure import Failure
 from twisted.web import http
-from twisted.web.client import Agent, FileBodyProducer, readBody
+from twisted.web.client import Agent, FileBodyProducer, ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
@@ -1347,6 +1348,23 @@ class ShardResource(Resource):
         return NOT_DONE_YET
 
 
+class _Body(TwistedProtocol):
+    """A response body, read whole (twisted's readBody warns on Agent's transports)."""
+
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+        self.done: Deferred[bytes] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if reason.check(ResponseDone):
+            self.done.callback(b"".join(self.data))
+        else:
+            self.done.errback(reason)
+
+
 class NotifyPublisher:
     """RabbitMQ's stand-in: POSTs a notice to ``/api/internal/notify_tornado`` of the
     shard on ``host:port``. Fire and forget: a failure is logged, never raised."""
@@ -1379,7 +1397,9 @@ class NotifyPublisher:
             if response.code != 200:
                 raise RuntimeError(f"status {response.code}: {answer[:200]!r}")
 
-        return readBody(response).addCallback(check)
+        body = _Body()
+        response.deliverBody(body)
+        return body.done.addCallback(check)
 
     def _failed(self, failure: Failure, port: int, notice: JSONDict) -> None:
         log.warn(

@@ -43,6 +43,7 @@ from kansas.demo.shard import (
     listen,
     parse_args,
 )
+from kansas.testing.processes import DemoShardProcess
 from kansas.testing.servers import free_port
 from kansas.zulip_sharding import parse_sharding
 
@@ -1203,3 +1204,12 @@ def test_subprocess_rejects_a_bad_sharding_file(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert proc.stdout == ""
     assert proc.stderr.startswith("demo shard: ") and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_demo_shard_process_passes_the_sharding_options(tmp_path: Path) -> None:
+    sharding = tmp_path / "sharding.json"
+    proc = DemoShardProcess("a", tmp_path, "s", port=9801, sharding=sharding, default_port=9800)
+    args = parse_args(proc.argv[proc.argv.index("--port") :])
+    assert (args.port, args.sharding, args.default_port) == (9801, str(sharding), 9800)
+    plain = DemoShardProcess("b", tmp_path, "s", port=9802)
+    assert parse_args(plain.argv[plain.argv.index("--port") :]).sharding is None

@@ -70,7 +70,7 @@ import signal
 import sys
 import tempfile
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import IO, Any, NoReturn, Protocol, cast
@@ -391,13 +391,9 @@ class DemoShard:
         self.sharding = sharding
         #: The port this shard listens on (``listen`` sets it when it is None).
         self.port = port
-        self.default_port = (
-            default_port
-            if default_port is not None
-            else lowest_port(sharding)
-            if sharding is not None
-            else ZULIP_DEFAULT_PORT
-        )
+        if default_port is None:
+            default_port = lowest_port(sharding) if sharding is not None else ZULIP_DEFAULT_PORT
+        self.default_port = default_port
         #: Sends a notice to another port's shard (RabbitMQ's job in Zulip).
         self.publish: Publisher = publish if publish is not None else _cannot_publish
 
@@ -614,13 +610,13 @@ class DemoShard:
             else:
                 recording.notifications.append((notification_id, event, flags_by_user))
 
-    def _cleanup_queue(self, queue_id: object, users: Iterable[int]) -> int:
+    def _cleanup_queue(self, queue_id: object, users: Collection[int]) -> int:
         """Delete ``queue_id`` if one of ``users`` owns it; 1 if it did, else 0."""
         queue = self.queues.get(queue_id) if isinstance(queue_id, str) else None
         if queue is None or queue.user_profile_id not in users:
             # As Tornado: noted and dropped (the queue may have expired meanwhile).
-            log.info("cleanup_queue: no queue {queue_id!r} of users {users}",
-                     queue_id=queue_id, users=list(users))  # fmt: skip
+            message = "cleanup_queue: no queue {queue_id!r} of users {users}"
+            log.info(message, queue_id=queue_id, users=sorted(users))
             return 0
         self.delete_queue(queue.queue_id)
         return 1
@@ -1197,10 +1193,8 @@ class ShardResource(Resource):
             return
         port = self.shard.other_port(realm, user_id)
         if port is not None:
-            log.warn(
-                "queue request for user {user} of {realm} on port {here}; theirs is {port}",
-                user=user_id, realm=realm, here=self.shard.port, port=port,
-            )  # fmt: skip
+            message = "queue request for user {user} of {realm} on port {here}; theirs is {port}"
+            log.warn(message, user=user_id, realm=realm, here=self.shard.port, port=port)
             raise internal_error()
 
     def _client_user(self, request: HTTPRequest) -> int | None:
@@ -1388,11 +1382,11 @@ class NotifyPublisher:
         url = f"http://{self._host}:{port}{NOTIFY_PATH.decode()}".encode()
         headers = Headers({b"Content-Type": [b"application/x-www-form-urlencoded"]})
         sent = self._agent.request(b"POST", url, headers, FileBodyProducer(BytesIO(body)))
-        answered = sent.addCallback(self._check_answer, port)
+        answered = sent.addCallback(self._check_answer)
         answered.addTimeout(self._timeout, self._reactor)
         return answered.addErrback(self._failed, port, notice)
 
-    def _check_answer(self, response: IResponse, port: int) -> Deferred[None]:
+    def _check_answer(self, response: IResponse) -> Deferred[None]:
         def check(answer: bytes) -> None:
             if response.code != 200:
                 raise RuntimeError(f"status {response.code}: {answer[:200]!r}")
@@ -1402,10 +1396,9 @@ class NotifyPublisher:
         return body.done.addCallback(check)
 
     def _failed(self, failure: Failure, port: int, notice: JSONDict) -> None:
-        log.warn(
-            "notice for port {port} not delivered ({why}): {notice}",
-            port=port, why=failure.getErrorMessage(), notice=notice,
-        )  # fmt: skip
+        why = failure.getErrorMessage()
+        message = "notice for port {port} not delivered ({why}): {notice}"
+        log.warn(message, port=port, why=why, notice=notice)
 
 
 class _QuietSite(Site):

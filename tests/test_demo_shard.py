@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import os
@@ -20,22 +21,31 @@ from urllib.parse import urlencode
 
 import pytest
 import pytest_twisted
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import Clock, deferLater
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
 from twisted.web.http_headers import Headers
 
 from kansas.demo.shard import (
     DEFAULT_SECRET,
+    DEMO_ZULIP_FEATURE_LEVEL,
+    DEMO_ZULIP_VERSION,
     MAX_LIFESPAN_SECS,
     DemoShard,
+    NotifyPublisher,
     ShardError,
+    ShardResource,
     listen,
     parse_args,
 )
+from kansas.testing.processes import DemoShardProcess
+from kansas.testing.servers import free_port
+from kansas.zulip_sharding import parse_sharding
 
 JSONDict = dict[str, Any]
 SRC = Path(__file__).resolve().parent.parent / "src"
@@ -778,3 +788,428 @@ def test_subprocess_rejects_a_bad_state_file(
     assert proc.returncode != 0
     assert proc.stdout == ""
     assert proc.stderr.strip().startswith("demo shard: cannot load state file")
+
+
+# -- as an unmodified Zulip Tornado: --sharding ------------------------------------------
+
+# Realm "split" is shared by user id (even users on 9800, odd on 9801), "solo" is on
+# 9801, realms matching ^eu\. too; any other realm goes to the default (9800, the lowest).
+SHARDING = {
+    "shard_map": {"split.example.com": [9800, 9801], "solo.example.com": 9801},
+    "shard_regexes": [[r"eu\.", 9801]],
+}
+SPLIT = "split.example.com"
+
+
+def basic(user_id: int | str, api_key: str = "key") -> dict[str, str]:
+    """HTTP Basic headers for the tests' users: user<ID>@<anything>."""
+    name = f"user{user_id}@example.com" if isinstance(user_id, int) else user_id
+    token = base64.b64encode(f"{name}:{api_key}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+class FakeRequest:
+    """What ShardResource uses of twisted.web's Request, without a socket."""
+
+    def __init__(
+        self,
+        method: str,
+        uri: str,
+        *,
+        headers: dict[str, str] | None = None,
+        form: dict[str, str] | None = None,
+        client: str = "127.0.0.1",
+    ) -> None:
+        self.method = method.encode()
+        self.uri = uri.encode()
+        self.path = self.uri.partition(b"?")[0]
+        self.headers = {k.lower(): v for k, v in (headers or {}).items()}
+        body = b""
+        if form is not None:
+            self.headers["content-type"] = "application/x-www-form-urlencoded"
+            body = urlencode(form).encode()
+        self.content = BytesIO(body)
+        self.client = IPv4Address("TCP", client, 40000)
+        self.code = 200
+        self.response_headers: dict[bytes, bytes] = {}
+        self.body = b""
+        self.finished = False
+        self.finishing: Deferred[None] = Deferred()
+
+    def getHeader(self, key: str) -> str | None:
+        return self.headers.get(key.lower())
+
+    def getClientAddress(self) -> IPv4Address:
+        return self.client
+
+    def setResponseCode(self, code: int) -> None:
+        self.code = code
+
+    def setHeader(self, name: bytes, value: bytes) -> None:
+        self.response_headers[name.lower()] = value
+
+    def write(self, data: bytes) -> None:
+        self.body += data
+
+    def finish(self) -> None:
+        self.finished = True
+
+    def loseConnection(self) -> None:
+        self.finished = True
+
+    def notifyFinish(self) -> Deferred[None]:
+        return self.finishing
+
+    def json(self) -> JSONDict:
+        assert self.response_headers[b"content-type"] == b"application/json"
+        body: JSONDict = json.loads(self.body)
+        return body
+
+
+class Sharded:
+    """A DemoShard on a fake clock with SHARDING, on ``port``, driven through its
+    resource; what it publishes to other ports is kept in ``published``."""
+
+    def __init__(self, port: int = 9800, **kwargs: Any) -> None:
+        self.published: list[tuple[int, JSONDict]] = []
+        self.shard, self.clock = make_shard(
+            sharding=parse_sharding(SHARDING),
+            port=port,
+            publish=lambda port, notice: self.published.append((port, notice)),
+            **kwargs,
+        )
+        self.resource = ShardResource(self.shard)
+
+    def send(self, request: FakeRequest) -> FakeRequest:
+        rendered = self.resource.render_request(request)
+        if isinstance(rendered, bytes):  # else NOT_DONE_YET: it finishes later
+            request.write(rendered)
+            request.finish()
+        return request
+
+    def get(self, uri: str, user: int | None, host: str = SPLIT) -> FakeRequest:
+        headers = {"Host": host, **(basic(user) if user is not None else {})}
+        return self.send(FakeRequest("GET", uri, headers=headers))
+
+    def delete(self, queue_id: str, user: int | None, host: str = SPLIT) -> FakeRequest:
+        headers = {"Host": host, **(basic(user) if user is not None else {})}
+        return self.send(
+            FakeRequest("DELETE", f"/api/v1/events?queue_id={queue_id}", headers=headers)
+        )
+
+    def internal(self, form: dict[str, str], host: str | None = SPLIT) -> FakeRequest:
+        headers = {"Host": host} if host is not None else {}
+        form = {"secret": DEFAULT_SECRET, **form}
+        return self.send(FakeRequest("POST", "/api/v1/events/internal", headers=headers, form=form))
+
+
+def test_default_port_is_the_lowest_in_the_file_unless_given() -> None:
+    here = Sharded(port=9801)
+    assert here.shard.default_port == 9800
+    assert here.shard.user_port("other.example.org", 5) == 9800
+    assert here.shard.other_port("other.example.org", 5) == 9800
+    assert here.shard.other_port("eu.example.org", 5) is None
+    assert [here.shard.other_port(SPLIT, u) for u in range(4)] == [9800, None, 9800, None]
+    assert Sharded(port=9801, default_port=9801).shard.other_port("other.example.org", 5) is None
+    assert DemoShard(Clock()).other_port(SPLIT, 2) is None  # no map: serves everyone
+
+
+def test_sharded_get_of_another_ports_user_is_an_accel_redirect() -> None:
+    here = Sharded(port=9800)
+    queue = here.shard.create_queue(3)  # user 3's queue, here by mistake: no matter
+    for uri in (
+        "/api/v1/events?queue_id=no-such-queue&last_event_id=-1&dont_block=true",
+        f"/json/events?queue_id={queue.queue_id}&last_event_id=abc",  # not parsed here
+        "/json/events?narrow=%5B%5D&queue_id=a+b",  # the query as received
+        "/json/events",
+    ):
+        reply = here.get(uri, user=3, host="Split.Example.com:443")
+        assert reply.finished and reply.code == 200 and reply.body == b""
+        assert reply.response_headers == {
+            b"content-type": b"text/html; charset=utf-8",
+            b"content-length": b"0",
+            b"x-accel-redirect": b"/internal/tornado/9801" + uri.encode(),
+        }
+    assert queue.parked is None and here.published == []
+    # A realm the file does not name lives on the default port.
+    there = Sharded(port=9801)
+    reply = there.get("/api/v1/events?queue_id=q", user=4, host="chat.example.org")
+    assert (
+        reply.response_headers[b"x-accel-redirect"]
+        == b"/internal/tornado/9800/api/v1/events?queue_id=q"
+    )
+
+
+def test_sharded_get_of_this_ports_user_checks_the_queues_owner() -> None:
+    here = Sharded(port=9801, heartbeat=10)
+    mine = here.shard.create_queue(3)
+    theirs = here.shard.create_queue(5)
+    here.shard.notify(msg("hi"), [3, 5])
+    reply = here.get(f"/api/v1/events?queue_id={mine.queue_id}&last_event_id=-1", user=3)
+    assert (reply.code, [e["id"] for e in reply.json()["events"]]) == (200, [0])
+    reply = here.get(f"/json/events?queue_id={theirs.queue_id}&dont_block=true", user=3)
+    assert reply.code == 400
+    assert reply.json() == {
+        "result": "error",
+        "msg": f"Bad event queue ID: {theirs.queue_id}",
+        "code": "BAD_EVENT_QUEUE_ID",
+        "queue_id": theirs.queue_id,
+    }
+    # A long-poll of this port's user parks, as without a map.
+    poll = here.get(f"/api/v1/events?queue_id={mine.queue_id}&last_event_id=0", user=3)
+    assert not poll.finished and mine.parked is not None
+    here.clock.advance(10)
+    assert poll.finished and poll.json()["events"] == [{"type": "heartbeat", "id": 1}]
+
+
+def test_sharded_client_requests_need_basic_credentials() -> None:
+    here = Sharded(port=9800)
+    queue = here.shard.create_queue(2)
+    bad_headers: list[dict[str, str]] = [
+        {},
+        {"Authorization": "Bearer abc"},
+        {"Authorization": "Basic !!not-base64!!"},
+        basic("alice@example.com"),  # not user<ID>@...
+        basic("user@example.com"),
+        {"Authorization": "Basic " + base64.b64encode(b"user2@example.com").decode()},  # no key
+    ]
+    for headers in bad_headers:
+        for method in ("GET", "DELETE"):
+            uri = f"/json/events?queue_id={queue.queue_id}&dont_block=true"
+            reply = here.send(FakeRequest(method, uri, headers={"Host": SPLIT, **headers}))
+            assert reply.code == 401, (method, headers)
+            assert reply.response_headers[b"www-authenticate"] == b'Basic realm="zulip"'
+            body = reply.json()
+            assert (body["result"], body["code"]) == ("error", "UNAUTHORIZED")
+            assert isinstance(body["msg"], str) and body["msg"]
+    assert list(here.shard.queues) == [queue.queue_id] and queue.parked is None
+    # Without a map, as before: nothing is asked.
+    plain, _ = make_shard()
+    plain_queue = plain.create_queue(2)
+    request = FakeRequest("DELETE", f"/json/events?queue_id={plain_queue.queue_id}")
+    assert ShardResource(plain).render_request(request) and request.code == 200
+
+
+def test_sharded_queue_creation_for_another_ports_user_is_a_500() -> None:
+    here = Sharded(port=9800)
+    reply = here.internal({"user_profile_id": "3"})
+    assert reply.code == 500
+    assert reply.json() == {"result": "error", "msg": "Internal error", "code": "INTERNAL_ERROR"}
+    assert here.shard.queues == {}
+    created = here.internal({"user_profile_id": "2"}).json()
+    assert created["result"] == "success"
+    # Django's immediate fetch is checked too (Zulip asserts before either).
+    fetch = {"queue_id": created["queue_id"], "last_event_id": "-1", "dont_block": "true"}
+    assert here.internal({**fetch, "user_profile_id": "3"}).code == 500
+    assert here.internal({**fetch, "user_profile_id": "2"}).code == 200
+    # Unmodified Django posts to 127.0.0.1:<port>: no realm to check by.
+    for host in ("127.0.0.1:9800", "[::1]:9800", None):
+        assert here.internal({"user_profile_id": "3"}, host=host).code == 200, host
+    assert len(here.shard.queues) == 4
+
+
+def test_sharded_delete_of_another_ports_user_is_published_to_its_port() -> None:
+    here, owner = Sharded(port=9800), Sharded(port=9801)
+    queue = owner.shard.create_queue(3)
+    other = owner.shard.create_queue(5)
+    poll = owner.get(f"/api/v1/events?queue_id={queue.queue_id}", user=3)
+    assert not poll.finished
+
+    reply = here.delete(queue.queue_id, user=3)
+    assert (reply.code, reply.json()) == (200, {"result": "success", "msg": ""})
+    notice = {"users": [3], "event": {"type": "cleanup_queue", "queue_id": queue.queue_id}}
+    assert here.published == [(9801, notice)]
+    assert queue.queue_id in owner.shard.queues  # nothing yet: the notice is in flight
+
+    # The owner is told through notify_tornado (RabbitMQ's stand-in), with the secret.
+    form = {"secret": DEFAULT_SECRET, "data": json.dumps(notice)}
+    told = owner.send(FakeRequest("POST", "/api/internal/notify_tornado", form=form))
+    assert (told.code, told.json()) == (200, {"result": "success", "msg": ""})
+    assert list(owner.shard.queues) == [other.queue_id]
+    assert poll.finished and poll.code == 400
+    assert poll.json()["code"] == "BAD_EVENT_QUEUE_ID"
+    assert other.events == []  # a cleanup is never an event
+
+    # A cleanup naming someone else's queue, or a gone one, changes nothing.
+    assert owner.shard.notify(notice["event"] | {"queue_id": other.queue_id}, [3]) == 0
+    assert owner.shard.notify(notice["event"], [3]) == 0
+    assert list(owner.shard.queues) == [other.queue_id]
+    # The owner's own DELETE: another user's queue is BAD_EVENT_QUEUE_ID there.
+    assert owner.delete(other.queue_id, user=3).code == 400
+    assert owner.delete(other.queue_id, user=5).code == 200
+    assert owner.shard.queues == {} and owner.published == []
+
+
+def test_restart_events_go_to_reloaded_queues_that_take_them() -> None:
+    shard, clock = make_shard()
+    every = shard.create_queue(1)
+    restarts = shard.create_queue(1, event_types=["message", "restart"])
+    messages = shard.create_queue(1, event_types=["message"])
+    shard.notify(msg("before"), [1])
+    reloaded = DemoShard(clock)
+    reloaded.load_state(shard.dump_state())
+    assert reloaded.send_restart_events(1234) == 2
+    event = {
+        "type": "restart",
+        "zulip_version": DEMO_ZULIP_VERSION,
+        "zulip_feature_level": DEMO_ZULIP_FEATURE_LEVEL,
+        "server_generation": 1234,
+        "immediate": False,
+        "id": 1,
+    }
+    assert reloaded.queues[every.queue_id].events[1:] == [event]
+    assert reloaded.queues[restarts.queue_id].events[1:] == [event]
+    assert [e["type"] for e in reloaded.queues[messages.queue_id].events] == ["message"]
+    assert isinstance(DEMO_ZULIP_FEATURE_LEVEL, int) and DEMO_ZULIP_VERSION.startswith("9.")
+
+
+def test_heartbeat_is_45_plus_a_whole_number_of_seconds_up_to_10() -> None:
+    shard, _ = make_shard(rng=random.Random(7))
+    delays = [shard.heartbeat_delay() for _ in range(400)]
+    assert all(isinstance(d, int) for d in delays)
+    assert set(delays) == set(range(45, 56))
+    # A long-poll's heartbeat comes exactly then (same seed, same draw).
+    shard, clock = make_shard(rng=random.Random(8))
+    expected = 45 + random.Random(8).randint(0, 10)
+    queue = shard.create_queue(1)
+    poll = shard.get_events(queue.queue_id)
+    clock.advance(expected - 0.001)
+    assert not poll.called
+    clock.advance(0.001)
+    assert result(poll)["events"] == [{"type": "heartbeat", "id": 0}]
+    # --heartbeat still fixes it.
+    fixed, clock = make_shard(heartbeat=2.5)
+    poll = fixed.get_events(fixed.create_queue(1).queue_id)
+    clock.advance(2.5)
+    assert poll.called
+
+
+def test_cli_sharding_options(capsys: pytest.CaptureFixture[str]) -> None:
+    args = parse_args(["--port", "9801", "--sharding", "s.json", "--default-port", "9802"])
+    assert (args.sharding, args.default_port) == ("s.json", 9802)
+    assert parse_args(["--port", "1"]).sharding is None
+    for argv in (
+        ["--port", "1", "--default-port", "9800"],
+        ["--port", "1", "--sharding", "s", "--default-port", "x"],
+    ):
+        with pytest.raises(SystemExit) as info:
+            parse_args(argv)
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and ": error: " in err, err
+
+
+@pytest_twisted.inlineCallbacks
+def test_notify_publisher_delivers_and_only_logs_failures(
+    server: Server,
+) -> Generator[Deferred[Any], Any, None]:
+    owner = server
+    logged: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        port, closed = owner.port.getHost().port, free_port()
+        queue = owner.shard.create_queue(3)
+        notice = {"users": [3], "event": {"type": "cleanup_queue", "queue_id": queue.queue_id}}
+        publish = NotifyPublisher(owner.reactor, DEFAULT_SECRET)
+        yield publish(port, notice)  # fires once the owner has answered
+        assert owner.shard.queues == {}
+        assert not [e for e in logged if e.get("log_namespace", "").startswith("kansas")]
+        # Refused (wrong secret) or nobody listening: a warning, no exception.
+        yield NotifyPublisher(owner.reactor, "wrong-secret")(port, notice)
+        yield publish(closed, notice)
+        warnings = [e for e in logged if "not delivered" in e.get("log_format", "")]
+        assert [w["port"] for w in warnings] == [port, closed]
+        assert "status 403" in warnings[0]["why"]
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+
+
+def http_exchange(
+    port: int, method: str, path: str, headers: dict[str, str], form: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """One blocking request to a shard process: status, headers (lower-cased), body."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
+    try:
+        body = urlencode(form) if form is not None else None
+        if form is not None:
+            headers = {**headers, "Content-Type": "application/x-www-form-urlencoded"}
+        conn.request(method, path, body=body, headers=headers)
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
+
+
+def test_subprocess_shards_as_unmodified_tornado(
+    tmp_path: Path, spawn: Callable[..., ShardProcess]
+) -> None:
+    ports = [free_port(), free_port()]
+    sharding = tmp_path / "sharding.json"
+    sharding.write_text(json.dumps({"shard_map": {SPLIT: ports}}))
+    state = tmp_path / "a.json"
+    a = spawn("--port", str(ports[0]), "--sharding", str(sharding), "--state-file", str(state))
+    b = spawn("--port", str(ports[1]), "--sharding", str(sharding))
+    b_user, a_user = 1, 2  # user U lives on ports[U % 2]
+    create = {"secret": DEFAULT_SECRET, "user_profile_id": "1", "user_client": "website"}
+    status, _, body = http_exchange(
+        b.port, "POST", "/api/v1/events/internal", {"Host": "127.0.0.1"}, create
+    )
+    assert status == 200
+    queue_id = json.loads(body)["queue_id"]
+
+    # A GET of b's user at a: the redirect, on the wire.
+    path = f"/api/v1/events?queue_id={queue_id}&last_event_id=-1&dont_block=true"
+    status, headers, body = http_exchange(a.port, "GET", path, {"Host": SPLIT, **basic(b_user)})
+    assert (status, body) == (200, b"")
+    assert headers["content-type"] == "text/html; charset=utf-8"
+    assert headers["content-length"] == "0"
+    assert headers["x-accel-redirect"] == f"/internal/tornado/{b.port}{path}"
+    status, headers, _ = http_exchange(a.port, "GET", path, {"Host": SPLIT})
+    assert status == 401 and headers["www-authenticate"] == 'Basic realm="zulip"'
+
+    # A DELETE of b's user at a reaches b as a cleanup_queue over notify_tornado.
+    status, _, body = http_exchange(a.port, "DELETE", path, {"Host": SPLIT, **basic(b_user)})
+    assert (status, json.loads(body)) == (200, {"result": "success", "msg": ""})
+    deadline = time.monotonic() + WAIT
+    while b.request("GET", "/demo/queues")[1]["queues"]:
+        assert time.monotonic() < deadline, "the cleanup never reached the owner"
+        time.sleep(0.01)
+
+    # a's own user, through a restart: the reloaded queue gets a restart event.
+    create["user_profile_id"] = str(a_user)
+    status, _, body = http_exchange(
+        a.port, "POST", "/api/v1/events/internal", {"Host": SPLIT}, create
+    )
+    queue_id = json.loads(body)["queue_id"]
+    assert a.terminate() == 0
+    started = int(time.time())
+    again = spawn("--port", str(ports[0]), "--sharding", str(sharding), "--state-file", str(state))
+    path = f"/json/events?queue_id={queue_id}&last_event_id=-1&dont_block=true"
+    status, _, body = http_exchange(again.port, "GET", path, {"Host": SPLIT, **basic(a_user)})
+    [event] = json.loads(body)["events"]
+    assert event["type"] == "restart" and event["immediate"] is False
+    assert started - 1 <= event["server_generation"] <= time.time()
+
+
+def test_subprocess_rejects_a_bad_sharding_file(tmp_path: Path) -> None:
+    sharding = tmp_path / "sharding.json"
+    sharding.write_text('{"shard_map": {"a.example.com": "x"}}')
+    proc = subprocess.run(
+        [sys.executable, "-m", "kansas.demo.shard", "--port", "0", "--sharding", str(sharding)],
+        capture_output=True,
+        text=True,
+        timeout=WAIT * 2,
+        env={**os.environ, "PYTHONPATH": str(SRC)},
+    )
+    assert proc.returncode != 0
+    assert proc.stdout == ""
+    assert proc.stderr.startswith("demo shard: ") and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_demo_shard_process_passes_the_sharding_options(tmp_path: Path) -> None:
+    sharding = tmp_path / "sharding.json"
+    proc = DemoShardProcess("a", tmp_path, "s", port=9801, sharding=sharding, default_port=9800)
+    args = parse_args(proc.argv[proc.argv.index("--port") :])
+    assert (args.port, args.sharding, args.default_port) == (9801, str(sharding), 9800)
+    plain = DemoShardProcess("b", tmp_path, "s", port=9802)
+    assert parse_args(plain.argv[plain.argv.index("--port") :]).sharding is None

@@ -537,3 +537,46 @@ def test_a_regex_that_needs_the_port_is_reported(dsn: str, tmp_path: Path) -> No
     apply_plan(plan_import(parse_sharding(data), authority.load()), authority)
     decision = place_queue(authority.load(), realm_from_host("chat.zulip.localhost:9991"), 1)
     assert decision is not None and decision.shard == "tornado-9993"  # TORNADO_PORTS[0]
+
+
+# The lookup itself, as a Tornado process makes it (the demo shard's port check).
+
+
+def test_port_for_exact_regex_default_and_split() -> None:
+    sharding = parse_sharding(CURRENT)
+    assert sharding.port_for("chat.example.com", 7, default=9800) == 9801  # exact
+    assert sharding.port_for("eu1.example.com", 7, default=9800) == 9805  # a regex
+    assert sharding.port_for("x.chat.example.com", 7, default=9800) == 9806  # ignoring case
+    assert sharding.port_for("x.eu1.example.com", 7, default=9811) == 9811  # match: at 0
+    assert sharding.port_for("nowhere.org", 7, default=9811) == 9811  # the default
+    # Several ports: user U on ports[U % n], in the file's order.
+    assert [sharding.port_for("bigger.example.com", u, 9800) for u in range(4)] == [
+        9803, 9802, 9804, 9803,
+    ]  # fmt: skip
+    assert [sharding.port_for("a.split.example.com", u, 9800) for u in range(3)] == [
+        9806, 9807, 9806,
+    ]  # fmt: skip
+    assert sharding.realm_ports("nowhere.org") is None
+    assert sharding.realm_ports("big.example.com") == (9802, 9803)
+
+
+def test_port_for_uses_hosts_as_the_parser_normalised_them() -> None:
+    sharding = parse_sharding({"shard_map": {"Chat.Example.com:443": [9801, 9802]}})
+    assert sharding.port_for("chat.example.com", 3, default=9800) == 9802
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.dictionaries(hosts, port_values, max_size=6),
+    st.lists(st.tuples(regex_texts, port_values), max_size=4, unique_by=lambda r: r[0]),
+    st.lists(hosts, min_size=1, max_size=10),
+)
+def test_port_for_agrees_with_zulip(
+    shard_map: dict[str, Any], regexes: list[tuple[str, Any]], probes: list[str]
+) -> None:
+    data = {"shard_map": shard_map, "shard_regexes": [list(r) for r in regexes]}
+    sharding = parse_sharding(data)
+    for host in [*probes, *shard_map]:
+        for user in range(6):
+            default = sharding.default_port or 9800  # TORNADO_PORTS[0]
+            assert sharding.port_for(host, user, default) == zulip_port(data, host, user)

@@ -94,6 +94,25 @@ class ZulipSharding:
         names none)."""
         return min(self.ports, default=None)
 
+    def realm_ports(self, realm: str) -> tuple[int, ...] | None:
+        """The ports the file gives ``realm`` (a host as ``realm_from_host`` makes it):
+        its exact entry, else the first regex that ``re.match``-es it, ignoring case;
+        None if the file does not name it."""
+        ports = self.exact.get(realm)
+        if ports is not None:
+            return ports
+        for pattern, regex_ports in self.regexes:
+            if compile_realm_regex(pattern).match(realm):  # re caches the compiled form
+                return regex_ports
+        return None
+
+    def port_for(self, realm: str, user_id: int, default: int) -> int:
+        """The Tornado port of user ``user_id`` of ``realm``, as Zulip's
+        ``get_user_tornado_port`` computes it: the realm's ports (``default`` if the
+        file does not name it), and of several, ``ports[user_id % len(ports)]``."""
+        ports = self.realm_ports(realm) or (default,)
+        return ports[user_id % len(ports)]
+
 
 def _ports(value: Any, where: str) -> tuple[int, ...]:
     values = value if isinstance(value, list | tuple) else [value]

@@ -5,7 +5,8 @@ creation and the first fetch on ``POST /api/v1/events/internal``, long-polls on
 ``GET /json/events`` and ``GET /api/v1/events``, ``DELETE`` of a queue, event delivery
 on ``POST /api/internal/notify_tornado`` and ``POST /api/internal/web_reload_clients``.
 ``GET /demo/queues`` (local callers only) is an addition for tests: it shows which
-queues this shard holds.
+queues this shard holds. Heartbeats come 45 s plus 0-10 whole seconds after a long-poll
+parks, as in Tornado (``--heartbeat`` fixes the delay instead).
 
 It is also the reference implementation of the shard side of transparent queue moves
 (``/api/internal/kansas/{prepare,fence,export,import,finish}``, and the
@@ -16,13 +17,36 @@ Internal endpoints need the form field ``secret`` (``--secret``, default
 is taken from ``X-Real-Ip``, else the last ``X-Forwarded-For`` entry, else the peer:
 a proxy in front must not pass those headers on from outside.
 
-What it does not do:
+Two modes:
 
-* Public requests (``/json/events``, ``/api/v1/events``) are NOT authenticated: no
-  session cookie or API key is checked, and any caller that knows a queue id may read
-  or delete it. Only the internal endpoints are protected, as in Zulip.
-* Narrows are stored but not applied; ``event_types`` is.
-* No rate limiting.
+* Without ``--sharding`` it serves every request, as a Zulip whose port checks are
+  off (Zulip with the kansas app). Public requests are NOT authenticated: any caller
+  that knows a queue id may read or delete it.
+* With ``--sharding FILE`` (Zulip's ``sharding.json``) it behaves as an unmodified
+  Zulip 9 Tornado on its port. A user's port is ``get_user_tornado_port``
+  (``ZulipSharding.port_for``; realms the file does not name go to ``--default-port``,
+  by default the file's lowest port). Then:
+
+  - a client ``GET``/``DELETE`` needs HTTP Basic credentials ``user<ID>@…:<any key>``
+    (the tests' convention; the demo has no user table), else ``401`` with
+    ``WWW-Authenticate: Basic realm="zulip"``; the realm is the ``Host``, port
+    stripped; another user's queue is ``BAD_EVENT_QUEUE_ID``;
+  - a ``GET`` of another port's user: ``200``, empty body, ``X-Accel-Redirect:
+    /internal/tornado/<port><path>?<query>``, before the queue is looked up;
+  - a ``DELETE`` of another port's user: a ``cleanup_queue`` event published to that
+    port (POSTed to its ``notify_tornado``, standing in for RabbitMQ) and ``200`` at
+    once; the owning shard deletes the queue if it is that user's;
+  - a queue creation (or Django's immediate fetch) for another port's user: ``500``,
+    Tornado's failed ``assert``. Only when the ``Host`` names a realm: unmodified
+    Django posts to ``http://127.0.0.1:<port>``, and an IP address says no realm (the
+    demo cannot look the user's realm up), so that request is not checked;
+  - queues reloaded from ``--state-file`` get a ``restart`` event (if they take it).
+
+  A ``cleanup_queue`` notification is acted on in both modes.
+
+What it does not do: ``/json/events`` takes Basic credentials, not a session cookie;
+API keys are not checked; narrows are stored but not applied (``event_types`` is);
+a ``GET`` without ``queue_id`` is a 400 (Tornado creates a queue); no rate limiting.
 
 Run it with ``python -m kansas.demo.shard --port P``; it prints one line
 ``demo shard NAME listening on HOST:PORT`` once it listens. On SIGTERM it dumps its
@@ -33,6 +57,8 @@ exists, then renames it to ``<file>.last``.
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import copy
 import hmac
 import ipaddress
@@ -44,10 +70,11 @@ import signal
 import sys
 import tempfile
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
+from io import BytesIO
 from typing import IO, Any, NoReturn, Protocol, cast
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -60,7 +87,8 @@ from twisted.internet.interfaces import (
     IReactorTCP,
     IReactorTime,
 )
-from twisted.internet.protocol import ServerFactory
+from twisted.internet.protocol import Protocol as TwistedProtocol
+from twisted.internet.protocol import ServerFactory, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import (
     FilteringLogObserver,
@@ -72,9 +100,14 @@ from twisted.logger import (
 )
 from twisted.python.failure import Failure
 from twisted.web import http
+from twisted.web.client import Agent, FileBodyProducer, ResponseDone
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
+from kansas.errors import KansasError
+from kansas.router import realm_from_host
 from kansas.transparent.protocol import (
     EXPORT_PATH,
     FENCE_PATH,
@@ -87,15 +120,20 @@ from kansas.transparent.protocol import (
     Reception,
     parse_notification_id,
 )
+from kansas.zulip_sharding import ZULIP_DEFAULT_PORT, ZulipSharding, load_sharding
 
 JSONDict = dict[str, Any]
+#: Sends ``(port, notice)`` to that port's shard, fire and forget: RabbitMQ's
+#: ``notify_tornado_port_<port>`` in Zulip. What it returns is ignored.
+Publisher = Callable[[int, JSONDict], object]
 
 DEFAULT_SECRET = "kansas-demo-secret"
 DEFAULT_IDLE_TIMEOUT = 600.0
 DEFAULT_GC_INTERVAL = 60.0
 MAX_LIFESPAN_SECS = 7 * 24 * 3600
-HEARTBEAT_MIN_SECS = 45.0
-HEARTBEAT_MAX_SECS = 55.0
+#: Tornado's heartbeat: 45 s plus a whole number of seconds up to 10, drawn per long-poll.
+HEARTBEAT_MIN_SECS = 45
+HEARTBEAT_JITTER_SECS = 10
 # Tornado's default idle keep-alive timeout; kansas pools connections to shards.
 KEEPALIVE_IDLE_TIMEOUT = 3600.0
 STATE_VERSION = 1
@@ -105,6 +143,13 @@ TOMBSTONE_SECONDS = 600.0
 LISTEN_BACKLOG = 1024
 #: Notifications one move batch's recording may hold.
 MAX_RECORDED = 100_000
+#: What a restart event says about the server: demo values in Zulip 9's range.
+DEMO_ZULIP_VERSION = "9.0-kansas-demo"
+DEMO_ZULIP_FEATURE_LEVEL = 237
+#: How long a notice published to another port may take before it is given up.
+PUBLISH_TIMEOUT = 5.0
+#: Nginx's internal location that replays a request on another Tornado port.
+ACCEL_REDIRECT_PREFIX = b"/internal/tornado/"
 
 EVENTS_PATHS = (b"/json/events", b"/api/v1/events")
 INTERNAL_EVENTS_PATH = b"/api/v1/events/internal"
@@ -113,6 +158,8 @@ WEB_RELOAD_PATH = b"/api/internal/web_reload_clients"
 DEMO_QUEUES_PATH = b"/demo/queues"
 
 _INT_RE = re.compile(r"-?[0-9]+")
+#: The tests' convention for an HTTP Basic username: user<ID>@<anything>.
+_BASIC_USER_RE = re.compile(r"user([0-9]+)@.*", re.DOTALL)
 
 log = Logger()
 
@@ -154,8 +201,32 @@ def access_denied() -> ShardError:
     return ShardError(403, "ACCESS_DENIED", "Access denied")
 
 
+def unauthorized(msg: str) -> ShardError:
+    return ShardError(
+        401, "UNAUTHORIZED", msg, headers={b"WWW-Authenticate": b'Basic realm="zulip"'}
+    )
+
+
+def internal_error() -> ShardError:
+    return ShardError(500, "INTERNAL_ERROR", "Internal error")
+
+
 def success(**fields: Any) -> JSONDict:
     return {"result": "success", "msg": "", **fields}
+
+
+def restart_event(server_generation: int) -> JSONDict:
+    return {
+        "type": "restart",
+        "zulip_version": DEMO_ZULIP_VERSION,
+        "zulip_feature_level": DEMO_ZULIP_FEATURE_LEVEL,
+        "server_generation": server_generation,
+        "immediate": False,
+    }
+
+
+def _cannot_publish(port: int, notice: JSONDict) -> None:
+    log.warn("no publisher: notice for port {port} dropped: {notice}", port=port, notice=notice)
 
 
 @dataclass(eq=False)
@@ -289,6 +360,10 @@ class DemoShard:
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         gc_interval: float = DEFAULT_GC_INTERVAL,
         rng: random.Random | None = None,
+        sharding: ZulipSharding | None = None,
+        port: int | None = None,
+        default_port: int | None = None,
+        publish: Publisher | None = None,
     ) -> None:
         self.clock = clock
         self.name = name
@@ -306,6 +381,17 @@ class DemoShard:
         self.freezes: dict[str, _Freeze] = {}
         self.tombstones: dict[str, float] = {}  # moved queue id -> until when
         self._fences: list[_Fence] = []
+        # Zulip's port checks (off without a sharding map: this shard serves everyone).
+        self.sharding = sharding
+        #: The port this shard listens on (``listen`` sets it when it is None).
+        self.port = port
+        if default_port is None:
+            # Zulip's TORNADO_PORTS[0], as the import takes it: the file's lowest port
+            file_default = sharding.default_port if sharding is not None else None
+            default_port = file_default or ZULIP_DEFAULT_PORT
+        self.default_port = default_port
+        #: Sends a notice to another port's shard (RabbitMQ's job in Zulip).
+        self.publish: Publisher = publish if publish is not None else _cannot_publish
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -336,6 +422,27 @@ class DemoShard:
         if secret is None:
             return False
         return hmac.compare_digest(secret.encode("utf-8"), self._secret)
+
+    # -- Zulip's port checks (with a sharding map) -----------------------------
+
+    def user_port(self, realm: str, user_id: int) -> int | None:
+        """The port that owns user ``user_id`` of ``realm`` (Zulip's
+        ``get_user_tornado_port``); None without a sharding map."""
+        if self.sharding is None:
+            return None
+        return self.sharding.port_for(realm, user_id, self.default_port)
+
+    def other_port(self, realm: str, user_id: int) -> int | None:
+        """The user's port if it is not this shard's, else None (this shard serves the
+        user: its own, or every user without a sharding map)."""
+        port = self.user_port(realm, user_id)
+        return None if port is None or port == self.port else port
+
+    def cleanup_elsewhere(self, port: int, user_id: int, queue_id: str) -> None:
+        """A DELETE for another port's user: Zulip cannot redirect a DELETE, so it
+        publishes a ``cleanup_queue`` event to the owning port and answers at once."""
+        event = {"type": "cleanup_queue", "queue_id": queue_id}
+        self.publish(port, {"users": [user_id], "event": event})
 
     # -- queues -------------------------------------------------------------
 
@@ -408,19 +515,19 @@ class DemoShard:
                 self._unpark(queue)
 
         deferred: Deferred[JSONDict] = Deferred(cancel)
-        delay = (
-            self.heartbeat
-            if self.heartbeat is not None
-            else self._rng.uniform(HEARTBEAT_MIN_SECS, HEARTBEAT_MAX_SECS)
-        )
+        delay = self.heartbeat if self.heartbeat is not None else self.heartbeat_delay()
         call = self.clock.callLater(delay, self._heartbeat, queue, deferred)
         queue.parked = _Parked(deferred, call)
         return deferred
 
-    def delete_queue(self, queue_id: str) -> None:
+    def heartbeat_delay(self) -> int:
+        """A parked long-poll's wait for its heartbeat, as Tornado draws it."""
+        return HEARTBEAT_MIN_SECS + self._rng.randint(0, HEARTBEAT_JITTER_SECS)
+
+    def delete_queue(self, queue_id: str, user_profile_id: int | None = None) -> None:
         if queue_id not in self.queues and queue_id in self.tombstones:
             return
-        queue = self.get_queue(queue_id)
+        queue = self.get_queue(queue_id, user_profile_id)
         del self.queues[queue_id]
         parked = self._unpark(queue)
         if parked is not None:
@@ -473,18 +580,54 @@ class DemoShard:
             else:
                 flags_by_user[int(user)] = None
         delivered = 0
-        for queue in list(self.queues.values()):
-            if self._deliver(queue, event, flags_by_user):
-                delivered += 1
+        if event.get("type") == "cleanup_queue":
+            # Not for clients: a DELETE another port forwarded (not recorded for a move
+            # batch either: replayed on an imported queue it would become an event).
+            delivered = self._cleanup_queue(event.get("queue_id"), flags_by_user)
+        else:
+            for queue in list(self.queues.values()):
+                if self._deliver(queue, event, flags_by_user):
+                    delivered += 1
+            self._record(notification_id, event, flags_by_user)
+        if notification_id is not None:
+            self.reception.receive(*notification_id, self.clock.seconds())
+            self._check_fences()
+        return delivered
+
+    def _record(
+        self,
+        notification_id: tuple[str, int] | None,
+        event: JSONDict,
+        flags_by_user: dict[int, Any],
+    ) -> None:
         for recording in self.recordings.values():
             if len(recording.notifications) >= MAX_RECORDED:
                 recording.overflowed = True
             else:
                 recording.notifications.append((notification_id, event, flags_by_user))
-        if notification_id is not None:
-            self.reception.receive(*notification_id, self.clock.seconds())
-            self._check_fences()
-        return delivered
+
+    def _cleanup_queue(self, queue_id: object, users: Collection[int]) -> int:
+        """Delete ``queue_id`` if one of ``users`` owns it; 1 if it did, else 0."""
+        queue = self.queues.get(queue_id) if isinstance(queue_id, str) else None
+        if queue is None or queue.user_profile_id not in users:
+            # As Tornado: noted and dropped (the queue may have expired meanwhile).
+            message = "cleanup_queue: no queue {queue_id!r} of users {users}"
+            log.info(message, queue_id=queue_id, users=sorted(users))
+            return 0
+        self.delete_queue(queue.queue_id)
+        return 1
+
+    def send_restart_events(self, server_generation: int) -> int:
+        """Tell every queue that takes it that the server restarted, as Tornado does
+        after loading its queues at start; return how many queues got it."""
+        event = restart_event(server_generation)
+        sent = 0
+        for queue in self.queues.values():
+            if queue.accepts(event):
+                queue.add_event(event)
+                self._complete(queue)
+                sent += 1
+        return sent
 
     def _deliver(self, queue: EventQueue, event: JSONDict, flags_by_user: dict[int, Any]) -> bool:
         if queue.user_profile_id not in flags_by_user or not queue.accepts(event):
@@ -792,6 +935,59 @@ def is_local(request: HTTPRequest) -> bool:
     return parsed.is_loopback
 
 
+def basic_auth_user(request: HTTPRequest) -> int:
+    """The user id of a request's HTTP Basic credentials, ``user<ID>@…:<API key>``, or
+    a 401. The demo has no user table: the id is read from the username, any key goes."""
+    header = request.getHeader("Authorization")
+    if not header:
+        raise unauthorized("Missing authorization header for basic auth")
+    scheme, _, encoded = header.strip().partition(" ")
+    if scheme.lower() != "basic":
+        raise unauthorized("This endpoint requires HTTP basic authentication.")
+    try:
+        credentials = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        raise unauthorized("Invalid authorization header for basic auth") from None
+    username, colon, _api_key = credentials.partition(":")
+    match = _BASIC_USER_RE.fullmatch(username)
+    if not colon or match is None:
+        raise unauthorized("Invalid API key")
+    return int(match.group(1))
+
+
+def request_realm(request: HTTPRequest) -> str:
+    """The realm a request is for: its ``Host``, lower-cased, port stripped."""
+    return realm_from_host(request.getHeader("Host"))
+
+
+def names_a_realm(realm: str) -> bool:
+    """Whether a Host's realm is a host name, not empty and not an IP address (Django
+    posts queue creation to ``http://127.0.0.1:<port>``: that Host says no realm)."""
+    try:
+        ipaddress.ip_address(realm.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return realm != ""
+    return False
+
+
+def full_path(request: HTTPRequest) -> bytes:
+    """Django's ``get_full_path()``: the path, then ``?`` and the query as received,
+    if there is one."""
+    query = request.uri.partition(b"?")[2]
+    return request.path + b"?" + query if query else request.path
+
+
+def accel_redirect(request: HTTPRequest, port: int) -> bytes:
+    """Tornado's answer to a GET of another port's user: an empty 200 that nginx's
+    internal ``/internal/tornado/<port>`` location replays on that port."""
+    request.setResponseCode(200)
+    request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+    request.setHeader(b"Content-Length", b"0")
+    target = ACCEL_REDIRECT_PREFIX + str(port).encode("ascii") + full_path(request)
+    request.setHeader(b"X-Accel-Redirect", target)
+    return b""
+
+
 def _form(request: HTTPRequest) -> dict[str, str]:
     """Query string plus urlencoded body (body wins), first value per name."""
     try:
@@ -907,7 +1103,7 @@ class ShardResource(Resource):
         except Exception:
             # JSON even for bugs: kansas and its tests parse every reply.
             log.failure("error handling {path!r}", path=request.path)
-            return _error_bytes(request, ShardError(500, "INTERNAL_ERROR", "Internal error"))
+            return _error_bytes(request, internal_error())
 
     def _route(self, request: HTTPRequest) -> bytes | int:
         path = request.path
@@ -951,6 +1147,8 @@ class ShardResource(Resource):
         form = self._internal_form(request)
         queue_id = form.get("queue_id")
         user_profile_id = _int_arg(form, "user_profile_id", required=not queue_id)
+        if user_profile_id is not None:
+            self._check_internal_port(request, user_profile_id)
         if queue_id:
             # Django's follow-up fetch right after creating the queue.
             deferred = self.shard.get_events(
@@ -981,18 +1179,54 @@ class ShardResource(Resource):
         )
         return _json_bytes(request, 200, success(events=[], queue_id=queue.queue_id))
 
+    def _check_internal_port(self, request: HTTPRequest, user_id: int) -> None:
+        """Zulip's ``get_events_internal`` asserts that the user is this port's: a
+        creation (or Django's immediate fetch) on the wrong port is a 500. The realm is
+        the Host's; an IP-address Host (unmodified Django posts to 127.0.0.1:<port>)
+        names none, and the demo has no user table to find it: not checked then."""
+        realm = request_realm(request)
+        if not names_a_realm(realm):
+            return
+        port = self.shard.other_port(realm, user_id)
+        if port is not None:
+            message = "queue request for user {user} of {realm} on port {here}; theirs is {port}"
+            log.warn(message, user=user_id, realm=realm, here=self.shard.port, port=port)
+            raise internal_error()
+
+    def _client_user(self, request: HTTPRequest) -> int | None:
+        """The authenticated user of a client request; None without a sharding map
+        (then the shard checks no credentials, as before)."""
+        if self.shard.sharding is None:
+            return None
+        return basic_auth_user(request)
+
     def _get_events(self, request: HTTPRequest) -> bytes | int:
+        user_id = self._client_user(request)
+        if user_id is not None:
+            # Before the queue lookup, as Zulip: another port's user is bounced there.
+            port = self.shard.other_port(request_realm(request), user_id)
+            if port is not None:
+                return accel_redirect(request, port)
         form = _form(request)
         queue_id = _queue_id_arg(form)
         deferred = self.shard.get_events(
             queue_id,
             last_event_id=_int_arg(form, "last_event_id"),
             dont_block=_bool_arg(form, "dont_block", False),
+            user_profile_id=user_id,
         )
         return self._reply_when_done(request, deferred)
 
     def _delete(self, request: HTTPRequest) -> bytes | int:
-        self.shard.delete_queue(_queue_id_arg(_form(request)))
+        user_id = self._client_user(request)
+        queue_id = _queue_id_arg(_form(request))
+        if user_id is not None:
+            port = self.shard.other_port(request_realm(request), user_id)
+            if port is not None:
+                # Answered before the owner acts: a GET may still succeed after this.
+                self.shard.cleanup_elsewhere(port, user_id, queue_id)
+                return _json_bytes(request, 200, success())
+        self.shard.delete_queue(queue_id, user_id)
         return _json_bytes(request, 200, success())
 
     def _notify(self, request: HTTPRequest) -> bytes | int:
@@ -1090,8 +1324,7 @@ class ShardResource(Resource):
                 request.finish()
             else:
                 log.failure("error completing a request", failure)
-                error = ShardError(500, "INTERNAL_ERROR", "Internal error")
-                request.write(_error_bytes(request, error))
+                request.write(_error_bytes(request, internal_error()))
                 request.finish()
 
         def on_disconnect(failure: Failure) -> None:
@@ -1103,6 +1336,65 @@ class ShardResource(Resource):
         if not deferred.called:
             request.notifyFinish().addErrback(on_disconnect)
         return NOT_DONE_YET
+
+
+class _Body(TwistedProtocol):
+    """A response body, read whole (twisted's readBody warns on Agent's transports)."""
+
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+        self.done: Deferred[bytes] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if reason.check(ResponseDone):
+            self.done.callback(b"".join(self.data))
+        else:
+            self.done.errback(reason)
+
+
+class NotifyPublisher:
+    """RabbitMQ's stand-in: POSTs a notice to ``/api/internal/notify_tornado`` of the
+    shard on ``host:port``. Fire and forget: a failure is logged, never raised."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        secret: str,
+        host: str = "127.0.0.1",
+        timeout: float = PUBLISH_TIMEOUT,
+    ) -> None:
+        self._reactor = reactor
+        self._agent = Agent(reactor)
+        self._secret = secret
+        self._host = host
+        self._timeout = timeout
+
+    def __call__(self, port: int, notice: JSONDict) -> Deferred[None]:
+        """Send it; the Deferred (for tests) fires once it is answered or given up."""
+        body = urlencode({"secret": self._secret, "data": json.dumps(notice)}).encode()
+        url = f"http://{self._host}:{port}{NOTIFY_PATH.decode()}".encode()
+        headers = Headers({b"Content-Type": [b"application/x-www-form-urlencoded"]})
+        sent = self._agent.request(b"POST", url, headers, FileBodyProducer(BytesIO(body)))
+        answered = sent.addCallback(self._check_answer)
+        answered.addTimeout(self._timeout, self._reactor)
+        return answered.addErrback(self._failed, port, notice)
+
+    def _check_answer(self, response: IResponse) -> Deferred[None]:
+        def check(answer: bytes) -> None:
+            if response.code != 200:
+                raise RuntimeError(f"status {response.code}: {answer[:200]!r}")
+
+        body = _Body()
+        response.deliverBody(body)
+        return body.done.addCallback(check)
+
+    def _failed(self, failure: Failure, port: int, notice: JSONDict) -> None:
+        why = failure.getErrorMessage()
+        message = "notice for port {port} not delivered ({why}): {notice}"
+        log.warn(message, port=port, why=why, notice=notice)
 
 
 class _QuietSite(Site):
@@ -1139,7 +1431,10 @@ def listen(
     site = cast(ServerFactory, make_site(shard, cast(IReactorTime, reactor), die_on_import))
     # Twisted's default backlog (50) overflows when a move batch sends dozens of held
     # long-polls here at once: a dropped SYN costs the client a 1 s retransmission.
-    return reactor.listenTCP(port, site, backlog=LISTEN_BACKLOG, interface=interface)
+    listening = reactor.listenTCP(port, site, backlog=LISTEN_BACKLOG, interface=interface)
+    if shard.port is None:
+        shard.port = cast(IPv4Address | IPv6Address, listening.getHost()).port
+    return listening
 
 
 # -- CLI -----------------------------------------------------------------------
@@ -1185,12 +1480,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--gc-interval", type=_positive_float, default=DEFAULT_GC_INTERVAL)
     parser.add_argument("--name", help="shard name (default: shard-PORT)")
     parser.add_argument(
+        "--sharding",
+        metavar="FILE",
+        help="Zulip's sharding.json: check users' ports as an unmodified Tornado does "
+        "(redirect, 500, cleanup_queue), authenticate clients, send restart events",
+    )
+    parser.add_argument(
+        "--default-port",
+        type=_port,
+        help="with --sharding: the port of realms the file does not name "
+        "(default: the lowest port in the file)",
+    )
+    parser.add_argument(
         "--die-on-import",
         type=int,
         metavar="N",
         help="testing aid: SIGKILL itself on the N-th move import call (a crash mid-batch)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.default_port is not None and args.sharding is None:
+        parser.error("--default-port needs --sharding")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -1198,6 +1508,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     from twisted.internet import reactor as _reactor
 
     reactor = cast(Any, _reactor)
+    sharding = None
+    if args.sharding is not None:
+        try:
+            sharding = load_sharding(args.sharding)
+        except KansasError as e:
+            sys.exit(f"demo shard: {e}")
     shard = DemoShard(
         cast(IReactorTime, reactor),
         name=args.name or "demo",
@@ -1205,7 +1521,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         heartbeat=args.heartbeat,
         idle_timeout=args.idle_timeout,
         gc_interval=args.gc_interval,
+        sharding=sharding,
+        port=args.port or None,
+        default_port=args.default_port,
+        publish=NotifyPublisher(reactor, args.secret),
     )
+    server_generation = int(reactor.seconds())
     state_file: str | None = args.state_file
     loaded = False
     if state_file is not None:
@@ -1213,6 +1534,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             loaded = shard.load_state_file(state_file)
         except (OSError, ValueError) as e:
             sys.exit(f"demo shard: cannot load state file {state_file}: {e}")
+    if loaded and sharding is not None:
+        # Zulip-faithful mode only: without it, reloaded queues stay as they were dumped.
+        shard.send_restart_events(server_generation)
     try:
         port = listen(
             shard, cast(IReactorTCP, reactor), args.port, args.interface, args.die_on_import

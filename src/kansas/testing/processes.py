@@ -115,7 +115,11 @@ class DemoShardProcess(Child):
         secret: str,
         heartbeat: float | None = None,
         port: int | None = None,
+        sharding: str | Path | None = None,
+        default_port: int | None = None,
     ) -> None:
+        """``sharding``: a sharding.json, to act as an unmodified Zulip Tornado on
+        ``port`` (see kansas.demo.shard); ``default_port`` goes with it."""
         self.port = port or free_port()
         self.secret = secret
         self.state_file = log_dir / f"{name}.state.json"
@@ -123,6 +127,10 @@ class DemoShardProcess(Child):
         argv += ["--name", name, "--secret", secret, "--state-file", str(self.state_file)]
         if heartbeat is not None:
             argv += ["--heartbeat", str(heartbeat)]
+        if sharding is not None:
+            argv += ["--sharding", str(sharding)]
+        if default_port is not None:
+            argv += ["--default-port", str(default_port)]
         super().__init__(name, argv, log_dir)
 
     @property

@@ -216,9 +216,7 @@ def test_a_split_realm_gets_every_event_once_on_both_halves(stack: Stack) -> Non
     # straight to their shard: kansas learned (and recorded) where their queues are.
     first, second = (f"tornado-{p}" for p in stack.zulip.ports)
     redirected = [c for c in clients.all if c.realm == SPLIT and c.user % 2]
-    assert stack.counter("kansas_tornado_redirects_total") == {
-        (first, second): len(redirected)
-    }
+    assert stack.counter("kansas_tornado_redirects_total") == {(first, second): len(redirected)}
     assert stack.counter("kansas_shard_unusable_answers_total") == {}
     for c in redirected:
         reply = stack.get(c.realm, c.user, c.queue_id)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 MAX_HEAD_BYTES = 16 * 1024
 MAX_HEADERS = 100
+#: A chunk size line longer than this (extensions included) is refused.
+MAX_CHUNK_LINE = 1024
 CRLF = b"\r\n"
 
 #: Hop-by-hop headers (RFC 9110 7.6.1): they describe one connection, never forwarded.
@@ -64,11 +66,28 @@ class Request:
         return self._index.get(name)
 
 
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 #: A header block as RFC 9112 has it: ``token ":" value CRLF`` lines, values of visible
 #: bytes, spaces, tabs and obs-text only (no NUL, bare CR or LF, other controls, nor
 #: obsolete line folding). Checked in one regex pass, then cut into pairs in another.
-_HEADER_BLOCK = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n)*")
+#: Trailer sections (after a last chunk) are the same field lines.
+_HEADER_BLOCK = re.compile(rb"(?:" + _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*\r\n)*")
 _HEADER_PAIRS = re.compile(rb"([^:]+):[\t ]*([^\r]*)\r\n")
+#: Fields whose repeated lines make one comma-separated list (RFC 9110 5.3): read as
+#: the list, never as the last line alone (two Transfer-Encoding lines are two codings).
+_LISTS = frozenset({b"transfer-encoding", b"connection"})
+#: A chunk's size line (RFC 9112 7.1, 7.1.1), CRLF excluded: hex digits only (no sign,
+#: prefix, underscore or whitespace), then extensions of a token name and a token or
+#: quoted-string value, with optional whitespace around ";" and "=" and nowhere else.
+_QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
+_CHUNK_LINE = re.compile(
+    rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[ \t]*" + _TOKEN
+    + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN + rb"|" + _QUOTED + rb"))?)*"
+)  # fmt: skip
+#: Host = uri-host [ ":" port ] (RFC 9112 3.2, RFC 3986 3.2.2): a name, an IPv4
+#: address or a bracketed IPv6 literal, and digits only after the colon (at least one:
+#: stricter than the RFC's empty port, which no client sends).
+_HOST = re.compile(rb"(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
 
 def _split_head(head: bytes) -> tuple[bytes, list[Header], dict[bytes, bytes]]:
@@ -86,11 +105,41 @@ def _split_head(head: bytes) -> tuple[bytes, list[Header], dict[bytes, bytes]]:
     for name, value in pairs:
         lname = name.lower()
         value = value.rstrip(b" \t")
-        if lname == b"content-length" and index.get(lname, value) != value:
-            raise HttpError(400, "conflicting Content-Length headers")
+        if lname in index:
+            if lname == b"content-length" and index[lname] != value:
+                raise HttpError(400, "conflicting Content-Length headers")
+            if lname in _LISTS:
+                index[lname] += b", " + value
+                headers.append((lname, name, value))
+                continue
         headers.append((lname, name, value))
         index[lname] = value
     return first, headers, index
+
+
+def valid_host(value: bytes) -> bool:
+    """A ``Host`` value kansas accepts: what RFC 9112 3.2 allows, minus the rarely used
+    percent-encoded and sub-delimiter characters of a registered name."""
+    return _HOST.fullmatch(value) is not None
+
+
+def chunk_size(line: bytes) -> int | None:
+    """The size a chunk's size line (without its CRLF) gives, or None if it is not one."""
+    m = _CHUNK_LINE.fullmatch(line)
+    return None if m is None else int(m.group(1), 16)
+
+
+def valid_trailers(section: bytes) -> bool:
+    """A trailer section (its field lines, each ending in CRLF, without the final empty
+    line) is field lines only: anything else after a last chunk is a smuggling attempt."""
+    return _HEADER_BLOCK.fullmatch(section) is not None
+
+
+def codings(value: bytes) -> list[bytes]:
+    """A Transfer-Encoding list (its lines combined), lower-cased, without the empty
+    elements a list may have (RFC 9110 5.6.1); an element that is not a bare token
+    (quoted, or with parameters) is kept as it is, so it is never taken for chunked."""
+    return [c for c in (c.strip(b" \t").lower() for c in value.split(b",")) if c]
 
 
 def _content_length(value: bytes) -> int:
@@ -188,6 +237,18 @@ class RequestParser:
             raise HttpError(400, "request target must be a path")
         if target.translate(None, _TARGET_BYTES):
             raise HttpError(400, "invalid bytes in the request target")
+        # A missing Host is answered by the listener (400, and it may keep the
+        # connection); one that is there must be one, and well-formed (RFC 9112 3.2).
+        host = index.get(b"host")
+        if host is None:
+            pass
+        elif sum(1 for h in headers if h[0] == b"host") > 1:
+            raise HttpError(400, "more than one Host header")
+        elif not valid_host(host):
+            raise HttpError(400, "invalid Host header")
+        if version == b"HTTP/1.0" and b"transfer-encoding" in index:
+            # RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing.
+            raise HttpError(400, "Transfer-Encoding in an HTTP/1.0 request")
         return Request(method, target, version, headers, b"", keep_alive, index)
 
     def _body_length(self, request: Request) -> int | None:
@@ -196,7 +257,12 @@ class RequestParser:
         if te is not None:
             if cl is not None:
                 raise HttpError(400, "both Content-Length and Transfer-Encoding")
-            if te.lower() != b"chunked":
+            listed = codings(te)
+            # RFC 9112 6.3: unless chunked is the final coding (and applied once, 7.1),
+            # the length cannot be known: 400, and the connection is closed.
+            if not listed or listed[-1] != b"chunked" or listed.count(b"chunked") > 1:
+                raise HttpError(400, "chunked must be the final Transfer-Encoding, once")
+            if len(listed) > 1:  # 6.1: a coding kansas does not decode, before chunked
                 raise HttpError(501, "unsupported Transfer-Encoding")
             return None
         if cl is None:
@@ -213,28 +279,25 @@ class RequestParser:
         while True:
             eol = buf.find(CRLF, pos)
             if eol == -1:
-                if len(buf) - pos > 1024:
+                if len(buf) - pos > MAX_CHUNK_LINE:
                     raise HttpError(400, "bad chunk size line")
                 return None
-            size_field = buf[pos:eol].split(b";", 1)[0].strip()
-            try:
-                chunk = int(size_field, 16)
-            except ValueError:
-                raise HttpError(400, "bad chunk size") from None
-            if chunk < 0 or len(size_field) > 16:
-                raise HttpError(400, "bad chunk size")
+            chunk = chunk_size(buf[pos:eol])
+            if chunk is None:
+                raise HttpError(400, "bad chunk size line")
             size += chunk
             if size > self.max_body:
                 raise HttpError(413, "request body too large")
             start = eol + 2
             if chunk == 0:
-                # Trailers (ignored) end with an empty line.
+                # Trailer field lines (checked, then dropped) end with an empty line.
                 end = buf.find(b"\r\n\r\n", eol)
                 if end == -1:
-                    if buf.startswith(CRLF, start):
-                        self._buf = buf[start + 2 :]
-                        return b"".join(parts)
+                    if len(buf) - start > self.max_head:
+                        raise HttpError(431, "trailer section too large")
                     return None
+                if not valid_trailers(buf[start : end + 2]):
+                    raise HttpError(400, "malformed trailer section")
                 self._buf = buf[end + 4 :]
                 return b"".join(parts)
             if len(buf) < start + chunk + 2:
@@ -260,6 +323,7 @@ class ResponseParser:
         "_left",
         "_mode",
         "_reusable",
+        "_trailers",
         "on_body",
         "on_end",
         "on_head",
@@ -282,6 +346,7 @@ class ResponseParser:
         self._chunk_left = 0
         self._reusable = True
         self._head_request = False
+        self._trailers = 0  # bytes of the trailer section read so far
 
     def expect(self, head_request: bool = False) -> None:
         self._mode = self._HEAD
@@ -350,16 +415,14 @@ class ResponseParser:
         if mode == self._CHUNK_SIZE:
             eol = buf.find(CRLF)
             if eol == -1:
-                if len(buf) > 1024:
+                if len(buf) > MAX_CHUNK_LINE:
                     raise HttpError(502, "bad chunk from backend")
                 return False
-            try:
-                size = int(buf[:eol].split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise HttpError(502, "bad chunk from backend") from None
-            self._buf = buf[eol + 2 :]
-            if size < 0:
+            size = chunk_size(buf[:eol])
+            if size is None:
                 raise HttpError(502, "bad chunk from backend")
+            self._buf = buf[eol + 2 :]
+            self._trailers = 0
             self._chunk_left = size
             self._mode = self._TRAILER if size == 0 else self._CHUNK_DATA
             return True
@@ -380,10 +443,17 @@ class ResponseParser:
             self._buf = buf[2:]
             self._mode = self._CHUNK_SIZE
             return True
-        # _TRAILER: skip trailer lines until the empty one.
+        # _TRAILER: check and drop trailer field lines until the empty one.
         eol = buf.find(CRLF)
         if eol == -1:
+            if self._trailers + len(buf) > MAX_HEAD_BYTES:
+                raise HttpError(502, "backend trailer section too large")
             return False
+        if eol and not valid_trailers(buf[: eol + 2]):
+            raise HttpError(502, "malformed trailer from backend")
+        self._trailers += eol + 2
+        if self._trailers > MAX_HEAD_BYTES:
+            raise HttpError(502, "backend trailer section too large")
         self._buf = buf[eol + 2 :]
         if eol == 0:
             self._finish()
@@ -409,7 +479,7 @@ class ResponseParser:
         if self._head_request or status in (204, 304):
             self._finish()
         elif te is not None:
-            if te.lower() != b"chunked" or cl is not None:
+            if codings(te) != [b"chunked"] or cl is not None:
                 raise HttpError(502, "unsupported framing from backend")
             self._mode = self._CHUNK_SIZE
         elif cl is not None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
-from kansas.http.wire import MAX_HEADERS
+from kansas.http.wire import MAX_HEADERS, valid_host
 from kansas.proxy.forwarding import is_ip_address
 
 _VALUE_END = rb"[\x21-\x7e\x80-\xff]"
@@ -105,6 +105,8 @@ def quick_request(data: bytes) -> QuickRequest | None:
     for name, value in _REQUEST_SPECIAL.findall(b"\r\n" + block):
         lname = name.lower()
         if lname == b"host":
+            if host is not None:
+                return None  # two Host lines: the general parser's 400
             host = value
             continue
         dropped = True
@@ -115,10 +117,12 @@ def quick_request(data: bytes) -> QuickRequest | None:
         elif lname == b"x-request-id":
             request_id = value
         elif lname == b"connection":
+            if connection is not None:
+                return None  # a list over several lines: the general path combines them
             connection = value
         elif lname in (b"content-length", b"transfer-encoding", b"expect", b"close"):
             return None
-    if host is None:
+    if host is None or not valid_host(host):
         return None
     keep_alive = True
     if connection is not None and connection != b"keep-alive":

@@ -773,18 +773,23 @@ def test_subprocess_queues_survive_a_restart(
     assert again.terminate() == 0
 
 
-def test_subprocess_rejects_a_bad_state_file(
-    tmp_path: Path, spawn: Callable[..., ShardProcess]
-) -> None:
-    state = tmp_path / "state.json"
-    state.write_text("{not json")
-    proc = subprocess.run(
-        [sys.executable, "-m", "kansas.demo.shard", "--port", "0", "--state-file", str(state)],
+def run_demo_shard(*args: str) -> subprocess.CompletedProcess[str]:
+    """The demo shard's CLI, to completion (for the ways it refuses to start)."""
+    return subprocess.run(
+        [sys.executable, "-m", "kansas.demo.shard", *args],
         capture_output=True,
         text=True,
         timeout=WAIT * 2,
         env={**os.environ, "PYTHONPATH": str(SRC)},
     )
+
+
+def test_subprocess_rejects_a_bad_state_file(
+    tmp_path: Path, spawn: Callable[..., ShardProcess]
+) -> None:
+    state = tmp_path / "state.json"
+    state.write_text("{not json")
+    proc = run_demo_shard("--port", "0", "--state-file", str(state))
     assert proc.returncode != 0
     assert proc.stdout == ""
     assert proc.stderr.strip().startswith("demo shard: cannot load state file")
@@ -1194,13 +1199,7 @@ def test_subprocess_shards_as_unmodified_tornado(
 def test_subprocess_rejects_a_bad_sharding_file(tmp_path: Path) -> None:
     sharding = tmp_path / "sharding.json"
     sharding.write_text('{"shard_map": {"a.example.com": "x"}}')
-    proc = subprocess.run(
-        [sys.executable, "-m", "kansas.demo.shard", "--port", "0", "--sharding", str(sharding)],
-        capture_output=True,
-        text=True,
-        timeout=WAIT * 2,
-        env={**os.environ, "PYTHONPATH": str(SRC)},
-    )
+    proc = run_demo_shard("--port", "0", "--sharding", str(sharding))
     assert proc.returncode != 0
     assert proc.stdout == ""
     assert proc.stderr.startswith("demo shard: ") and proc.stderr.count("\n") == 1, proc.stderr

@@ -10,13 +10,16 @@ While clients long-poll, shard a is stopped and restarted: KansasShardDown goes
 pending, then firing, then resolves. Along the way kansas meets each thing its
 dashboard shows (a Redis outage, a lost LISTEN connection, a realm moved and one whose
 move never ends, answers it cannot use, a Tornado redirect), and then every expression
-of the dashboard returns data from the scrape.
+of the dashboard returns data from the scrape. Last, a worker killed three times makes
+KansasWorkersRespawning fire, and kansas stopped makes KansasNotScraped fire.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -118,6 +121,13 @@ def poll_until(ready: Callable[[], object], what: str, deadline: float = 60) -> 
             return got
         assert time.monotonic() < end, f"timed out waiting for {what}"
         time.sleep(0.1)
+
+
+def workers_scraped(prometheus: Prometheus) -> set[str]:
+    """The workers (pids) of the latest scrape that holds all of kansas's workers."""
+    latest = prometheus.query('process_start_time_seconds{job="kansas"}'
+                              ' and on() kansas_workers{job="kansas"} == 2')  # fmt: skip
+    return {sample["metric"]["worker"] for sample in latest}
 
 
 class NotTornado(BaseHTTPRequestHandler):
@@ -359,6 +369,24 @@ def test_alerts_and_dashboard_against_a_real_prometheus(
                 assert prometheus.api("series", **{"match[]": metric}), variable["name"]
         shard_values = prometheus.api("label/shard/values")
         assert {"a", "b", "c"} <= set(shard_values)
+
+        # A worker killed three times over: KansasWorkersRespawning fires (workers are
+        # named by pid: 5 distinct in the window, for 2 workers).
+        assert not prometheus.alerts("KansasWorkersRespawning")
+        for _ in range(3):
+            seen = workers_scraped(prometheus)
+            os.kill(int(min(seen)), signal.SIGKILL)
+            poll_until(lambda seen=seen: len(workers_scraped(prometheus) - seen) == 1,
+                       "the respawned worker scraped")  # fmt: skip
+        respawning = poll_until(lambda: prometheus.alerts("KansasWorkersRespawning", "firing"),
+                                "KansasWorkersRespawning firing")  # fmt: skip
+        assert respawning[0]["value"] in ("5e+00", "5")
+
+        # kansas stops: KansasNotScraped fires.
+        assert not prometheus.alerts("KansasNotScraped")
+        clients.stop()
+        kansas.stop()
+        poll_until(lambda: prometheus.alerts("KansasNotScraped", "firing"), "KansasNotScraped")
     finally:
         if clients is not None:
             clients.stopping.set()

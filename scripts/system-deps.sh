@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages kansas needs, if they are missing: redis-server and
-# PostgreSQL always, and any extra ones named as arguments (e.g. `wrk` for benchmarks).
+# PostgreSQL always, and any extra ones named as arguments (e.g. `wrk` for benchmarks,
+# `prometheus` for the alerting-rule tests: Debian's package brings `promtool` too).
 # Needs root (or sudo) for apt-get; says what to do otherwise.
 set -euo pipefail
 

@@ -159,7 +159,13 @@ TARGETS: tuple[Target, ...] = (
 )
 
 #: Checked, not patched: ``is_current_port`` compares with this module's ``current_port``.
-CURRENT_PORT = Target(DESCRIPTORS, "is_current_port", ("port",), why="the port check itself")
+CURRENT_PORT = Target(
+    DESCRIPTORS,
+    "is_current_port",
+    ("port",),
+    everywhere=False,
+    why="the port check itself (compares with current_port)",
+)
 #: What is replaced (the rest of TARGETS is checked and used).
 REPLACED = ("send_event", "request_event_queue", "get_user_events", "requests_client")
 
@@ -548,6 +554,10 @@ def report(settings: Settings) -> Iterator[str]:
         for module, attr in finding.references:
             alias = "" if attr == target.name else f" (as {attr})"
             yield f"           also referenced by {module}{alias}: replaced there too"
+    yield (
+        "(references: in the modules loaded now; modules imported later take the replaced "
+        "function from its own module)"
+    )
     wrong = problems(findings)
     if not settings.internal_url:
         yield "KANSAS_INTERNAL_URL is not set: the app leaves Zulip as it is (roll-back state)"

@@ -307,7 +307,8 @@ def test_check_lists_every_piece(zulip: dict[str, types.ModuleType]) -> None:
     )
     install(ON, lambda: FakePlacement())
     lines = list(report(ON))
-    assert any(line.startswith("found, patched in this process") for line in lines)
+    assert any(line.startswith("patched  zerver.tornado.django_api.send_event:") for line in lines)
+    assert lines[-1].startswith("the app has patched this Zulip")
     off = list(report(Settings(None, None, None)))
     assert "roll-back" in off[-1]
 

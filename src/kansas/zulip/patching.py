@@ -544,9 +544,7 @@ def report(settings: Settings) -> Iterator[str]:
     findings = find()
     for finding in findings:
         target = finding.target
-        state = "MISSING" if finding.problem else "found"
-        if finding.patched:
-            state = "found, patched in this process"
+        state = "MISSING" if finding.problem else "patched" if finding.patched else "found"
         line = f"{state:<8} {target.qualname}: {target.why}"
         if finding.problem:
             line += f"  [{finding.problem}]"
@@ -565,5 +563,7 @@ def report(settings: Settings) -> Iterator[str]:
         yield "KANSAS_POSTGRES is not set: the app will refuse"
     elif wrong:
         yield f"the app will REFUSE to patch this Zulip ({len(wrong)} problem(s) above)"
+    elif any(f.patched for f in findings):
+        yield f"the app has patched this Zulip (as loaded here): queues via {settings.internal_url}"
     else:
         yield f"the app will patch this Zulip: queues via {settings.internal_url}"

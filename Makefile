@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The checkout on sys.path lets twistd find twisted/plugins/kansas_plugin.py.
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: test lint typecheck suite run bench chaos fuzz format clean system-deps
+.PHONY: test lint typecheck suite run bench chaos fuzz format clean system-deps zulip-e2e
 
 system-deps:
 	@scripts/system-deps.sh
@@ -28,6 +28,12 @@ typecheck: $(BIN)/.installed
 suite: $(BIN)/.installed
 	@scripts/system-deps.sh nginx prometheus
 	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+# The end-to-end test against a live Zulip with kansas.zulip enabled (stage 2 of
+# docs/deploy.md): KANSAS_LIVE_ZULIP names the file describing it (tests/test_zulip_live.py).
+zulip-e2e: $(BIN)/.installed
+	@test -n "$$KANSAS_LIVE_ZULIP" || { echo "make zulip-e2e: set KANSAS_LIVE_ZULIP=/path/to/live.json (see tests/test_zulip_live.py)" >&2; exit 2; }
+	$(BIN)/pytest -q -s -rs tests/test_zulip_live.py
 
 run: $(BIN)/.installed system-deps
 	$(BIN)/python -m kansas.demo.stack

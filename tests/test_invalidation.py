@@ -13,7 +13,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
 from kansas.model import Assignment, QueueRoute
-from kansas.proxy.invalidation import INTERVAL
+from kansas.proxy.invalidation import INTERVAL, LINGER
 from tests.test_proxy import OK, REALM, Harness, get, ok_reply, status_and_json
 
 QUEUES = [f"5b0c6c58-1f8c-4c57-9a4a-{n:012d}" for n in range(1, 6)]
@@ -70,6 +70,28 @@ def test_invalidated_long_polls_are_answered_as_the_mover_marks_them(h: Harness)
     h.reactor.advance(INTERVAL)
     assert status_and_json(polls[1][0].value())[0] == 400
     assert polls[2][0].value() == b""
+
+
+def test_the_last_marks_of_a_move_that_ends_at_once_are_answered(h: Harness) -> None:
+    """A one-user move marks its queue and ends before the next check (seen against a
+    live Zulip: the long-poll then waited for Tornado's heartbeat)."""
+    moving(h)
+    (ct, _conn, st), = long_polls(h, 1)  # fmt: skip
+    h.reactor.advance(INTERVAL)
+    h.store.invalidate(QUEUES[0])
+    moving(h, frozenset())  # the move ended before the next check
+    h.reactor.advance(INTERVAL)
+    status, body = status_and_json(ct.value())
+    assert (status, body["code"]) == (400, "BAD_EVENT_QUEUE_ID")
+    assert st.disconnected
+    # LINGER later the realm is not read any more.
+    for _ in range(int(LINGER / INTERVAL)):
+        h.reactor.advance(INTERVAL)
+    reads = []
+    h.store.get_many = lambda ids: reads.append(ids)  # type: ignore[method-assign]
+    long_polls(h, 2)
+    h.reactor.advance(INTERVAL * 4)
+    assert reads == []
 
 
 def test_long_polls_of_realms_not_moving_are_not_read(h: Harness) -> None:

@@ -1,16 +1,21 @@
-# The Django side of kansas: add to /etc/zulip/settings.py (Zulip reads it as its
-# prod settings). See docs/zulip-integration.md for the code that reads these.
+# The Django side of kansas: the kansas.zulip app. Add to /etc/zulip/settings.py (Zulip
+# reads it as its prod settings), after `pip install --no-deps` of kansas into Zulip's
+# virtualenv. See docs/zulip-integration.md for what the app changes, and
+# docs/deploy.md (stage 2) for when.
 
-# THE setting for queue creation: where Django sends POST /api/v1/events/internal (and
-# its immediate follow-up fetch) -- kansas's internal listener instead of a Tornado
-# port. Unset (None), Zulip talks to its Tornado ports as before: that is the roll-back.
+# Load the app (keep the apps already listed: Zulip's default is ["analytics"]).
+EXTRA_INSTALLED_APPS = ["analytics", "kansas.zulip"]
+
+# THE switch: where Django sends POST /api/v1/events/internal (queue creation and its
+# immediate fetch) -- kansas's internal listener instead of a Tornado port. Unset
+# (None), the app changes nothing and Zulip talks to its Tornado ports as before: that
+# is the roll-back.
 KANSAS_INTERNAL_URL = "http://127.0.0.1:9798"
 
-# Where kansas.placement reads kansas's rules, to route events to the right Tornado
-# processes (the same authority kansas uses; a read-only role is enough: it SELECTs and
-# LISTENs).
+# Where the app reads kansas's rules, to route events to the right Tornado processes
+# (the same authority kansas uses; a read-only role is enough: it SELECTs and LISTENs).
 KANSAS_POSTGRES = "host=127.0.0.1 dbname=kansas user=kansas_reader"
 
-# Optional: kansas's Redis, so that events also reach queues created before an
-# assignment change (kansas never moves a queue). None: current rules only.
+# Optional: kansas's Redis, so that events also reach queues created before a placement
+# change made without a reload (kansas never moves a queue). None: current rules only.
 KANSAS_REDIS = "redis://127.0.0.1:6379/0"

@@ -12,6 +12,10 @@ long-polls this process holds in that realm; each one found invalid is answered 
 once (its caller cancels it at the old shard). Since the mover marks queues at its
 rate, the answers follow at that rate. Polling, as ``kansas.transparent.holding`` does:
 nothing to miss across Redis reconnects, and no cost while nothing moves.
+
+A realm is watched for ``LINGER`` seconds more after its move ends: a small move
+(one user, a few queues) marks its last queues and ends within milliseconds, often
+before the next check, and those long-polls would otherwise wait for the heartbeat.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ log = Logger()
 
 #: How often the long-polls of moving realms are checked.
 INTERVAL = 0.25
+#: How long a realm is still watched after its move ended (its last marks).
+LINGER = 2.0
 #: Mappings read per check (a realm's long-polls beyond it wait for the next checks).
 MAX_PER_CHECK = 2000
 
@@ -53,6 +59,10 @@ class InvalidationWatch:
         #: realms -> {queue id: its waiting long-poll} held by this process
         self.long_polls = long_polls
         self._checking = False
+        self._clock = clock
+        #: realms seen moving at the last check, and realm -> until when it lingers
+        self._was_moving: frozenset[str] = frozenset()
+        self._lingering: dict[str, float] = {}
         self._cursor = 0  # where the next check starts, when there are too many to read
         self._loop = LoopingCall(self.check)
         self._loop.clock = clock
@@ -66,8 +76,20 @@ class InvalidationWatch:
         if self._loop.running:
             self._loop.stop()
 
-    def check(self) -> None:
+    def _watched(self) -> frozenset[str]:
+        """The moving realms, and those whose move ended less than LINGER ago."""
         moving = self.moving_realms()
+        now = self._clock.seconds()
+        for realm in self._was_moving - moving:
+            self._lingering[realm] = now + LINGER
+        self._was_moving = moving
+        for realm, until in list(self._lingering.items()):
+            if until <= now or realm in moving:
+                del self._lingering[realm]
+        return moving | frozenset(self._lingering) if self._lingering else moving
+
+    def check(self) -> None:
+        moving = self._watched()
         if not moving or self._checking:
             return
         waiting = self.long_polls(moving)

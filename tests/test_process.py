@@ -374,7 +374,8 @@ class FakeService:
         self.calls = calls
         self.front = object()
         self.internal = object()
-        self.redis: Deferred[bool] = succeed(True)
+        self.redis: Deferred[bool] | None = None  # None: Redis answers, every time
+        self.listening = True
         self.open = 0
         self.taken: list[dict[str, Any]] = []
 
@@ -382,7 +383,10 @@ class FakeService:
         self.calls.append("start")
 
     def redis_answers(self) -> Deferred[bool]:
-        return self.redis
+        return succeed(True) if self.redis is None else self.redis
+
+    def following(self) -> bool:
+        return self.listening
 
     def handover(self) -> dict[str, Any]:
         self.calls.append("handover")
@@ -406,10 +410,11 @@ class FakeService:
 
 
 def make_worker(
-    calls: list[str], redis: Deferred[bool] | None = None
+    calls: list[str], redis: Deferred[bool] | None = None, listening: bool = True
 ) -> tuple[worker.Worker, MemoryReactorClock, StringTransport]:
     reactor = MemoryReactorClock()
     service = FakeService(calls)
+    service.listening = listening
     if redis is not None:
         service.redis = redis
     ports = iter("ab")
@@ -440,6 +445,27 @@ def test_a_worker_listens_and_says_it_is_ready_once_redis_answers() -> None:
     calls: list[str] = []
     _w, _reactor, transport = make_worker(calls)
     assert calls[0] == "start" and calls[1].startswith("adopt") and calls[2].startswith("adopt")
+    assert MessageDecoder().feed(transport.value()) == [
+        {"op": "ready", "pid": os.getpid(), "redis": True}
+    ]
+
+
+def test_a_worker_is_ready_only_once_it_follows_postgresql_too() -> None:
+    calls: list[str] = []
+    w, reactor, transport = make_worker(calls, listening=False)
+    assert transport.value() == b"" and not any(c.startswith("adopt") for c in calls)
+    service: Any = w.service
+    service.listening = True
+    reactor.advance(worker.POLL_SECONDS)
+    assert MessageDecoder().feed(transport.value()) == [
+        {"op": "ready", "pid": os.getpid(), "redis": True}
+    ]
+
+
+def test_a_worker_whose_listen_never_comes_up_serves_after_the_wait() -> None:
+    calls: list[str] = []
+    _w, reactor, transport = make_worker(calls, listening=False)
+    reactor.pump([worker.POLL_SECONDS] * int(worker.REDIS_WAIT_SECONDS / worker.POLL_SECONDS + 2))
     assert MessageDecoder().feed(transport.value()) == [
         {"op": "ready", "pid": os.getpid(), "redis": True}
     ]

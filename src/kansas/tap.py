@@ -218,6 +218,10 @@ class KansasService(MultiService):
 
         signal.signal(signal.SIGHUP, hangup)
 
+    def following(self) -> bool:
+        """Whether assignment changes reach this process now (PostgreSQL LISTEN is up)."""
+        return self.follower.listening
+
     def redis_answers(self) -> Deferred[bool]:
         """Whether Redis answers a read now (a worker's readiness)."""
         d = self.table.store.get("kansas:readiness")

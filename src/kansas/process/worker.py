@@ -24,7 +24,8 @@ from kansas.process.sockets import accept_evenly
 
 log = Logger()
 
-#: How often readiness (Redis) and the end of draining are checked.
+#: How often readiness (Redis, and PostgreSQL's LISTEN) and the end of draining are
+#: checked.
 POLL_SECONDS = 0.2
 #: A worker that cannot reach Redis serves without it (realm fallback, journalled
 #: writes) after this long rather than never; the master does not take that as ready
@@ -91,6 +92,10 @@ class Worker:
         if self.retiring or self._redis_ok:
             return
         waited = self.reactor.seconds() - self._started
+        if answers and not self.service.following() and waited < REDIS_WAIT_SECONDS:
+            # Not yet LISTENing on PostgreSQL: a change committed now would reach this
+            # worker only with the next periodic reload (and /metrics would say so).
+            return
         if answers:
             self._redis_ok = True
             self._ready_poll.stop()

@@ -344,6 +344,22 @@ class BackendPool:
         if idle and conn in idle:
             idle.remove(conn)
 
+    def abandon(self, address: Address, why: str) -> int:
+        """The shard at ``address`` is down: close its idle connections, and fail as
+        unreachable the exchanges waiting there with no answer byte yet (a GET is then
+        parked and replayed, anything else gets its 502). Returns how many failed."""
+        for conn in self._idle.pop(address, []):
+            conn.abort()
+        waiting = [
+            c.exchange
+            for c in self._busy
+            if c.address == address and c.exchange is not None and not c.exchange.started
+        ]
+        host, port = address
+        for exchange in waiting:
+            exchange.failed(f"shard {host}:{port} is unreachable: {why}", Failed.UNREACHABLE)
+        return len(waiting)
+
     def idle_count(self, address: Address | None = None) -> int:
         if address is not None:
             return len(self._idle.get(address, ()))

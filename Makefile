@@ -26,7 +26,7 @@ typecheck: $(BIN)/.installed
 	$(BIN)/mypy
 
 suite: $(BIN)/.installed
-	@scripts/system-deps.sh nginx
+	@scripts/system-deps.sh nginx nft=nftables
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 run: $(BIN)/.installed system-deps

@@ -17,6 +17,8 @@ import http.client
 import json
 import os
 import re
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,11 +28,12 @@ from typing import Any
 from urllib.parse import urlencode
 
 import pytest
+import pytest_twisted
 
 from kansas.ctl import main as ctl
 from kansas.testing.client import call
 from kansas.testing.netns import TestHost, available, cleanup_stale
-from kansas.testing.processes import DemoShardProcess, KansasProcess
+from kansas.testing.processes import CHECKOUT, DemoShardProcess, KansasProcess
 
 SECRET = "partition-secret"
 ONE, TWO = "one.example.com", "two.example.com"
@@ -133,6 +136,15 @@ class Stack:
         reply = call(k.internal_port, "POST", "/api/v1/events/internal", host=realm, form=form)
         assert reply.status == 200, reply
         return str(reply.json["queue_id"])
+
+    def create_on_shard(self, name: str, realm: str, user: int) -> str:
+        """A queue created at the shard itself: kansas has never seen it."""
+        shard = self.shards[name]
+        form = {"secret": SECRET, "user_profile_id": user, "dont_block": "true"}
+        status, body = request(shard.interface, shard.port, "POST", "/api/v1/events/internal",
+                               realm=realm, form=form)  # fmt: skip
+        assert status == 200, body
+        return str(body["queue_id"])
 
     def queues_at(self, name: str) -> list[dict[str, Any]]:
         shard = self.shards[name]
@@ -286,3 +298,303 @@ def test_a_silently_partitioned_shard_parks_gets_502s_deletes_and_releases_at_th
         assert "Traceback" not in k.log_text()
     finally:
         stack.stop()
+
+
+# -- kansas <-> Redis -----------------------------------------------------------------------
+
+
+def metric(k: KansasProcess, name: str) -> float:
+    status, body = request("127.0.0.1", k.internal_port, "GET", "/metrics", timeout=5)
+    text = body.decode() if isinstance(body, bytes) else json.dumps(body)
+    match = re.search(rf"^{name} ([\d.e+-]+)$", text, re.M)
+    assert status == 200 and match, (status, text[:500])
+    return float(match.group(1))
+
+
+def redis_get(host: str, port: int, key: str) -> bytes | None:
+    import socket
+
+    command = b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(key), key.encode())
+    with socket.create_connection((host, port), timeout=5) as s:
+        s.sendall(command)
+        raw = s.recv(65536)
+    if raw.startswith(b"$-1"):
+        return None
+    assert raw.startswith(b"$"), raw
+    return raw.split(b"\r\n", 2)[1]
+
+
+class Blackhole:
+    """A TCP server that accepts and never answers (Redis behind a silent partition,
+    from the point of view of connections made before it); counts connections the
+    client gave up on (closed)."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = int(self.listener.getsockname()[1])
+        self.accepted = 0
+        self.closed = 0
+        self._stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import select
+
+        conns = []
+        while not self._stop.is_set():
+            ready, _, _ = select.select([self.listener, *conns], [], [], 0.05)
+            for sock in ready:
+                if sock is self.listener:
+                    conns.append(self.listener.accept()[0])
+                    self.accepted += 1
+                    continue
+                try:
+                    data = sock.recv(65536)  # read and ignore: never answer
+                except OSError:
+                    data = b""
+                if not data:
+                    conns.remove(sock)
+                    sock.close()
+                    self.closed += 1
+        for sock in [self.listener, *conns]:
+            sock.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_redis_connection_that_never_answers_is_dropped() -> None:
+    """kansas gives up on a Redis call after --redis-timeout; the connection it was
+    sent on must still be dropped at txredisapi's reply timeout (5 s), or a silently
+    partitioned Redis keeps it 'up' for as long as TCP does (~15 minutes): every call
+    then waits the whole timeout, their replies pile up, and recovery after the
+    partition waits for TCP's retransmissions. It failed before: kansas's own timeout
+    cancelled the call, and with it txredisapi's reply timeout."""
+    from twisted.internet import reactor
+    from twisted.internet.defer import DeferredList
+    from twisted.internet.task import deferLater
+
+    from kansas.stores.redis import RedisRouteStore, parse_redis_url
+
+    hole = Blackhole()
+    store = RedisRouteStore(parse_redis_url(f"redis://127.0.0.1:{hole.port}/0"), reactor,
+                            call_timeout=0.2, poolsize=1)  # fmt: skip
+    try:
+        started = time.monotonic()
+        while hole.closed < 1 and time.monotonic() - started < 9:
+            calls = [store.get(f"q{i}") for i in range(4)]
+            results = await DeferredList(calls, consumeErrors=True)
+            assert not any(ok for ok, _ in results)
+            took = time.monotonic() - started
+            await deferLater(reactor, 0.1)  # not from inside txredisapi's failing calls
+        assert hole.closed >= 1, f"{hole.accepted} connections, {hole.closed} dropped"
+        print(f"the connection was dropped {took:.1f} s after the first call")
+        assert took < 7
+        await store.close()
+    finally:
+        hole.stop()
+
+
+def test_a_silent_redis_partition_costs_no_request_more_than_the_redis_timeout(
+    tmp_path: Path, postgres_dsn: str, test_host: Callable[[str], TestHost]
+) -> None:
+    """kansas <-> Redis drops every packet for OUTAGE s while clients long-poll, others
+    poll with dont_block and Django creates queues: cached queues are served without
+    Redis, uncached ones by the realm fallback, new mappings are journalled and replayed
+    after; no request waits longer than --redis-timeout (1 s) plus the shard's answer,
+    and kansas's memory stays flat."""
+    from kansas.testing.servers import RedisServer
+
+    host = test_host("redis")
+    with RedisServer(tmp_path / "redis", durable=True) as redis:
+        redis.in_namespace(host.prefix, host.address)
+        redis.start()
+        stack = Stack(tmp_path, postgres_dsn, redis.url)
+        try:
+            k = stack.kansas()
+            queues = [stack.create_queue(k, ONE, user) for user in range(1, 31)]
+            pollers = start_pollers(k, queues, ONE)
+            # Queues this kansas never saw (created by another kansas, say).
+            unknown, unknown_late = (stack.create_on_shard("b", TWO, u) for u in (98, 99))
+            timings: dict[str, list[float]] = {"cached": [], "created": [], "create": []}
+            problems: list[str] = []
+            created: list[str] = []
+            stop = threading.Event()
+
+            def dont_block(queue_id: str, realm: str) -> float:
+                params = {"queue_id": queue_id, "last_event_id": -1, "dont_block": "true"}
+                started = time.monotonic()
+                status, body = request("127.0.0.1", k.public_port, "GET", "/json/events",
+                                       realm=realm, params=params)  # fmt: skip
+                if status != 200:
+                    problems.append(f"GET {queue_id}: {status} {body}")
+                return time.monotonic() - started
+
+            def django_and_a_poller() -> None:
+                user = 1000
+                while not stop.is_set():
+                    user += 1
+                    started = time.monotonic()
+                    try:
+                        queue_id = stack.create_queue(k, ONE, user)
+                    except AssertionError as e:
+                        problems.append(f"create: {e}")
+                        continue
+                    timings["create"].append(time.monotonic() - started)
+                    created.append(queue_id)
+                    timings["created"].append(dont_block(queue_id, ONE))
+                    timings["cached"].append(dont_block(queues[user % len(queues)], ONE))
+                    stop.wait(0.2)
+
+            until(lambda: sum(q["parked"] for q in stack.queues_at("a")) == len(queues), 30,
+                  "every client long-polls at shard a")  # fmt: skip
+            worker = threading.Thread(target=django_and_a_poller, daemon=True)
+            worker.start()
+            until(lambda: len(created) >= 5, 10, "queues created before the partition")
+            pid = k.proc.pid  # type: ignore[union-attr]
+            rss_before = rss_kib(pid)
+            before = len(created)
+            cut = time.monotonic()
+            host.partition()
+            rss_peak = rss_before
+            try:
+                fallback = dont_block(unknown, TWO)  # the realm's shard, after the timeout
+                while time.monotonic() - cut < OUTAGE:
+                    rss_peak = max(rss_peak, rss_kib(pid))
+                    time.sleep(0.2)  # sampling, not synchronisation
+                journalled = metric(k, "kansas_route_journal_entries")
+                # kansas has noticed (txredisapi's reply timeout, 5 s, dropped the dead
+                # connections): a cache miss no longer waits for Redis at all.
+                fallback_late = dont_block(unknown_late, TWO)
+            finally:
+                host.heal()
+            healed = time.monotonic()
+            during = created[before:]
+            assert during, "no queue was created during the partition"
+            # The journal is replayed once kansas is connected again.
+            until(lambda: all(redis_get(redis.host, redis.port, f"kansas:queue:{q}")
+                              for q in during), 30, "the journal was replayed")  # fmt: skip
+            replayed = time.monotonic() - healed
+            stop.set()
+            worker.join(10)
+            stop_pollers(pollers)
+            assert not problems, problems[:5]
+            failed = [r for p in pollers for r in p.requests if r.status != 200]
+            assert not failed, failed[:5]
+            longest = {what: max(ts) for what, ts in timings.items()}
+            ceiling = 1.0 + 0.6  # --redis-timeout, and the shard's answer with margin
+            assert longest["cached"] < ceiling and longest["created"] < ceiling, longest
+            assert longest["create"] < ceiling and fallback < ceiling, (longest, fallback)
+            assert rss_peak - rss_before < 10 * 1024, (rss_before, rss_peak)
+            assert fallback_late < 0.5, f"Redis is still waited for: {fallback_late:.2f} s"
+            assert replayed < 15, f"the journal was replayed {replayed:.1f} s after the heal"
+            assert metric(k, "kansas_route_journal_entries") == 0
+            assert "Traceback" not in k.log_text()
+            print(
+                f"redis partition {OUTAGE:.0f} s: {len(during)} queues created during it"
+                f" ({journalled:.0f} journalled at its end), replayed {replayed:.1f} s after"
+                f" the heal; longest cached GET {longest['cached']:.2f} s, new-queue GET"
+                f" {longest['created']:.2f} s, creation {longest['create']:.2f} s, realm"
+                f" fallback {fallback:.2f} s (at the end {fallback_late:.2f} s);"
+                f" {sum(len(p.requests) for p in pollers)} long-polls, none failed;"
+                f" RSS {rss_before} -> peak {rss_peak} KiB"
+            )
+        finally:
+            stack.stop()
+
+
+# -- kansas <-> PostgreSQL ------------------------------------------------------------------
+
+
+def test_a_postgres_partition_keeps_the_assignment_and_listen_comes_back(
+    tmp_path: Path, redis_url: str, test_host: Callable[[str], TestHost]
+) -> None:
+    """kansas <-> PostgreSQL drops every packet for OUTAGE s. kansas keeps routing by
+    the last assignment, notices that its LISTEN connection is dead, and once the link
+    heals listens again and picks up the change an operator made meanwhile (from
+    PostgreSQL's side of the partition), then follows the next one by NOTIFY;
+    kansas-ctl, cut off like kansas, says in one line what it cannot reach.
+
+    PostgreSQL's host gives up on unacknowledged data after a few retransmissions
+    (net.ipv4.tcp_retries2=3 in its namespace, ~3 s): what it does after ~15 minutes
+    with the default, so a short test sees what a long partition does (the server
+    has dropped the LISTEN session, and a client that does not probe never learns)."""
+    from kansas.testing.servers import PostgresServer
+
+    host = test_host("postgres")
+    host.set_sysctl("net.ipv4.tcp_retries2", "3")
+    with PostgresServer() as postgres:
+        postgres.in_namespace(host.prefix, host.address)
+        postgres.start()
+        dsn = postgres.dsn
+        stack = Stack(tmp_path, dsn, redis_url)
+        try:
+            # No safety-net reload: only LISTEN (and the reload after each reconnect).
+            k = stack.kansas(["--reload-interval", "3600"])
+            k.wait_for(r"following assignment changes")
+            existing = stack.create_queue(k, ONE, 1)
+            offset = len(k.log_text())
+            cut = time.monotonic()
+            host.partition()
+            try:
+                # An operator on PostgreSQL's side moves ONE to b (NOTIFY sent, and lost).
+                inside = subprocess.run(
+                    [*host.prefix, sys.executable, "-m", "kansas.ctl", "--postgres", dsn,
+                     "realm", "pin", ONE, "b"],
+                    capture_output=True, text=True, timeout=60, cwd=CHECKOUT,
+                )  # fmt: skip
+                assert inside.returncode == 0, inside
+                # kansas-ctl on kansas's side: one line, non-zero.
+                started = time.monotonic()
+                outside = subprocess.run(
+                    [sys.executable, "-m", "kansas.ctl", "--postgres", dsn, "realm", "list"],
+                    capture_output=True, text=True, timeout=60, cwd=CHECKOUT,
+                )  # fmt: skip
+                ctl_took = time.monotonic() - started
+                lines = outside.stderr.splitlines()
+                assert outside.returncode == 1 and outside.stdout == "", outside
+                assert len(lines) == 1, outside.stderr
+                assert lines[0].startswith("kansas-ctl: error: cannot reach PostgreSQL"), lines
+                # Routing goes on by the last assignment: ONE is still a's.
+                reply = call(k.public_port, "GET", "/json/events", host=ONE,
+                             params={"queue_id": existing, "last_event_id": -1,
+                                     "dont_block": "true"})  # fmt: skip
+                assert reply.status == 200, reply
+                during = stack.create_queue(k, ONE, 2)
+                assert during in {q["queue_id"] for q in stack.queues_at("a")}
+                # kansas notices that its LISTEN connection is gone.
+                k.wait_for(r"LISTEN connection to PostgreSQL lost", after=offset)
+                noticed = time.monotonic() - cut
+                until(lambda: time.monotonic() - cut >= OUTAGE, OUTAGE + 1, "the outage", 0.2)
+            finally:
+                host.heal()
+            healed = time.monotonic()
+            k.wait_for(r"following assignment changes", after=offset)
+            relisten = time.monotonic() - healed
+
+            def lands_on(shard: str, user: int) -> bool:
+                queue_id = stack.create_queue(k, ONE, user)
+                return queue_id in {q["queue_id"] for q in stack.queues_at(shard)}
+
+            until(lambda: lands_on("b", 3), 5, "the change made during the partition")
+            picked = time.monotonic() - healed
+            # And LISTEN works again: the next change is followed at once.
+            stack.ctl("realm", "pin", ONE, "a")
+            started = time.monotonic()
+            until(lambda: lands_on("a", 4), 3, "a change after the partition")
+            followed = time.monotonic() - started
+            assert "Traceback" not in k.log_text()
+            print(
+                f"postgres partition {OUTAGE:.0f} s: LISTEN loss noticed after"
+                f" {noticed:.1f} s; kansas-ctl answered in {ctl_took:.1f} s: {lines[0]!r};"
+                f" listening again {relisten:.1f} s after the heal, the change made during"
+                f" it picked up {picked:.1f} s after; the next change followed in"
+                f" {followed:.2f} s"
+            )
+        finally:
+            stack.stop()

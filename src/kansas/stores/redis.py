@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import txredisapi
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList, fail, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
@@ -226,6 +227,36 @@ def parse_redis_url(url: str) -> RedisAddress:
     )
 
 
+def _bounded(d: Deferred[Any], seconds: float, clock: IReactorTime) -> Deferred[Any]:
+    """What ``d`` gives, or ``defer.TimeoutError`` after ``seconds``, whichever comes
+    first, *without cancelling* ``d``: cancelling a txredisapi call also cancels its
+    reply timeout, which is what drops a connection whose Redis stopped answering (a
+    silent partition: no RST, so TCP keeps it up for ~15 minutes). Kept running, the
+    call fails at txredisapi's reply timeout, its connection is aborted, and the calls
+    after it fail at once (RedisUnavailable) instead of each waiting ``seconds``."""
+    out: Deferred[Any] = Deferred()
+
+    def expire() -> None:
+        if not out.called:
+            out.errback(defer.TimeoutError(f"no answer from Redis in {seconds:g} s"))
+
+    timer = clock.callLater(seconds, expire)
+
+    def settle(result: Any) -> None:
+        if timer.active():
+            timer.cancel()
+        if out.called:
+            return
+        if isinstance(result, Failure):
+            out.errback(result)
+        else:
+            out.callback(result)
+        # else: the caller has had its timeout; a late failure is not an unhandled one
+
+    d.addBoth(settle)
+    return out
+
+
 def _measured(result: Any, done: Any) -> Any:
     done(not isinstance(result, Failure))
     return result
@@ -295,8 +326,7 @@ class RedisRouteStore:
         else:
             self._queued_unconnected += 1
         d: Deferred[Any] = getattr(self._redis, method)(*args)
-        d.addTimeout(self._timeout, self._clock)
-        return d.addBoth(_measured, done)
+        return _bounded(d, self._timeout, self._clock).addBoth(_measured, done)
 
     def get(self, queue_id: str) -> Deferred[QueueRoute | None]:
         d = self._call("get", KEY_PREFIX + queue_id)

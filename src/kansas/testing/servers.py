@@ -256,6 +256,12 @@ class PostgresServer(_Process):
                 # Usually: as root, the postgres user cannot reach a directory above data/.
                 last = (initdb.stderr.strip().splitlines() or ["?"])[-1]
                 raise ServerError(f"initdb in {self.data} failed: {last}")
+        hba = self.data / "pg_hba.conf"
+        if not self.host.startswith("127.") and "# kansas test host" not in hba.read_text():
+            # On a test host (kansas.testing.netns): clients come from the other end of
+            # its private link.
+            with hba.open("a") as f:
+                f.write("# kansas test host\nhost all all samenet trust\n")
         creds = self._as_postgres()
         if self.log_path.exists() and creds:
             os.chown(self.log_path, creds["user"], creds["group"])

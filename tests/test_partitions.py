@@ -102,7 +102,7 @@ class Stack:
     PostgreSQL and Redis they use."""
 
     def __init__(self, tmp: Path, dsn: str, redis: str, shard_a: DemoShardProcess | None = None,
-                 heartbeat: float = 3.0) -> None:  # fmt: skip
+                 heartbeat: float = 3.0, url_a: str | None = None) -> None:  # fmt: skip
         self.tmp, self.dsn, self.redis = tmp, dsn, redis
         self.shards = {
             "a": shard_a or DemoShardProcess("a", tmp, SECRET, heartbeat=heartbeat),
@@ -113,7 +113,7 @@ class Stack:
             shard.start()
         self.ctl("migrate")
         for name, shard in self.shards.items():
-            self.ctl("shard", "add", name, shard.url)
+            self.ctl("shard", "add", name, url_a if name == "a" and url_a else shard.url)
         self.ctl("realm", "pin", ONE, "a")
         self.ctl("realm", "pin", TWO, "b")
 
@@ -598,3 +598,63 @@ def test_a_postgres_partition_keeps_the_assignment_and_listen_comes_back(
             )
         finally:
             stack.stop()
+
+
+# -- a slow and lossy link to a shard -------------------------------------------------------
+
+
+def test_a_slow_lossy_link_to_a_shard_costs_no_error(
+    tmp_path: Path, postgres_dsn: str, redis_url: str, test_host: Callable[[str], TestHost]
+) -> None:
+    """Shard a is 200 ms away each way (a relay on its host holds every chunk 200 ms in
+    each direction: 400 ms more per round trip) and its link loses 5 % of the packets
+    each way, while kansas-load runs: long-polls, dont_block pollers, 20 events/s.
+    Nothing may be lost, duplicated or out of order, and no request may fail: every
+    delay stays within the clients' own timeouts."""
+    from kansas.testing.load import LoadRun
+    from kansas.testing.servers import free_port
+
+    host = test_host("shard")
+    inner, outer = free_port(), free_port()
+    shard_a = DemoShardProcess("a", tmp_path, SECRET, heartbeat=10.0, port=inner,
+                               prefix=host.prefix)  # fmt: skip
+    relay = subprocess.Popen(
+        [*host.prefix, sys.executable, "-m", "kansas.testing.netns", "relay",
+         "--listen", f"{host.address}:{outer}", "--to", f"127.0.0.1:{inner}", "--delay", "0.2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=CHECKOUT,
+    )  # fmt: skip
+    try:
+        stack = Stack(tmp_path, postgres_dsn, redis_url, shard_a=shard_a, heartbeat=10.0,
+                      url_a=f"http://{host.address}:{outer}")  # fmt: skip
+        try:
+            k = stack.kansas()
+            host.loss(5)
+            load = LoadRun(k, tmp_path / "load.json", SECRET, f"{ONE},{TWO}", clients=60,
+                           duration=max(OUTAGE, 10),
+                           extra=["--dont-block-share", "0.1"])  # fmt: skip
+            status, report = load.finish()
+            host.heal()
+            print(
+                f"slow lossy shard: {report['delivered']} of {report['deliveries_expected']}"
+                f" delivered, lost {report['lost']}, duplicated {report['duplicated']},"
+                f" out of order {report['out_of_order']}, errors {report['errors']};"
+                f" requests {report['requests']}, request p50/p99/max"
+                f" {report['request_latency']['p50_ms']:.0f}/"
+                f"{report['request_latency']['p99_ms']:.0f}/"
+                f"{report['request_latency']['max_ms']:.0f} ms, event p50/p99/max"
+                f" {report['event_latency']['p50_ms']:.0f}/"
+                f"{report['event_latency']['p99_ms']:.0f}/"
+                f"{report['event_latency']['max_ms']:.0f} ms, register p99"
+                f" {report['register_latency']['p99_ms']:.0f} ms; shard a marked down"
+                f" {k.log_text().count('shard a is down')} times"
+            )
+            assert status == 0, report.get("failures")
+            assert report["lost"] == report["duplicated"] == report["out_of_order"] == 0
+            assert not report["errors"], report["errors"]
+            assert report["reregistrations"] == 0
+            assert "Traceback" not in k.log_text()
+        finally:
+            stack.stop()
+    finally:
+        relay.terminate()
+        relay.wait(10)

@@ -157,9 +157,13 @@ class _Process:
 class RedisServer(_Process):
     name = "redis"
 
-    def __init__(self, base_dir: Path | None = None, *, durable: bool = False) -> None:
+    def __init__(
+        self, base_dir: Path | None = None, *, durable: bool = False, replica_of: int = 0
+    ) -> None:
+        """``replica_of``: the port of a master on 127.0.0.1 to replicate."""
         super().__init__(base_dir)
         self.durable = durable
+        self.replica_of = replica_of
 
     @property
     def url(self) -> str:
@@ -184,6 +188,8 @@ class RedisServer(_Process):
         )
         argv = [binary, "--port", str(self.port), "--bind", self.host, "--save", ""]
         argv += [*persistence, "--dir", str(self.dir), "--daemonize", "no"]
+        if self.replica_of:
+            argv += ["--replicaof", "127.0.0.1", str(self.replica_of)]
         if not self.host.startswith("127."):
             # A test host's private address: clients come from the other end of its
             # link, which protected mode would refuse.

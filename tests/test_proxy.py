@@ -612,3 +612,32 @@ def test_only_a_trusted_front_may_name_the_client(h: Harness) -> None:
     client.dataReceived(get())  # carries X-Real-Ip: 6.6.6.6
     _conn, st = h.shard_connection(9800)
     assert b"X-Real-Ip: 6.6.6.6\r\n" in st.value()
+
+
+def test_a_get_replayed_after_parking_is_answered_within_the_clients_patience(
+    h: Harness,
+) -> None:
+    """A long-poll the shard held for 30 s, cut off (a silent partition noticed, or a
+    restart), parked 15 s and replayed: the shard starts its long-poll afresh (up to
+    its heartbeat), so kansas answers the empty success 85 s after the request
+    arrived instead of letting the client reach its 90 s timeout (seen in the chaos
+    run with partitions: one long-poll over 90 s)."""
+    h.route()
+    client, ct = h.client()
+    client.dataReceived(get())
+    conn, _ = h.shard_connection(9800)
+    h.reactor.advance(30)
+    conn.connectionLost(Failure(ConnectionDone()))
+    h.health.failed("a", "test")
+    assert h.parking.parked("a") == 1
+    h.reactor.advance(15)
+    h.connected = len(h.reactor.tcpClients)
+    h.health.succeeded("a")  # back: the GET is sent again
+    _conn, st = h.shard_connection(9800)
+    assert st.value().startswith(b"GET ")  # sent again
+    h.reactor.advance(39)  # 84 s after arrival: the shard still holds it
+    assert ct.value() == b""
+    h.reactor.advance(2)  # the deadline (85 s) is checked once a second
+    assert ct.value(), "no answer 86 s after the request arrived"
+    status, body = status_and_json(ct.value())
+    assert (status, body["events"]) == (200, []), body

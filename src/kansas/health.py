@@ -45,6 +45,7 @@ class _ProbeFactory(ClientFactory):
     def __init__(self, monitor: HealthMonitor, shard: Shard) -> None:
         self.monitor = monitor
         self.shard = shard
+        self.started = monitor.reactor.seconds()
 
     def buildProtocol(self, addr: Any) -> _Probe:
         return _Probe(self)
@@ -53,11 +54,14 @@ class _ProbeFactory(ClientFactory):
         self.done(reason.getErrorMessage())
 
     def done(self, error: str | None) -> None:
-        self.monitor._probing.discard(self.shard.name)
+        monitor = self.monitor
+        monitor._probing.discard(self.shard.name)
         if error is None:
-            self.monitor.succeeded(self.shard.name)
-        else:
-            self.monitor.failed(self.shard.name, error)
+            monitor.succeeded(self.shard.name)
+        elif monitor.last_answer.get(self.shard.name, -1.0) < self.started:
+            monitor.failed(self.shard.name, error)
+        # else: the shard has answered since this probe began (a link that healed
+        # while its SYN was lost): a stale failure, which must not mark it down again
 
 
 class HealthMonitor:
@@ -78,6 +82,8 @@ class HealthMonitor:
         self.on_healthy: list[Callable[[str], object]] = []
         #: called with the shard and why, when a shard is marked down
         self.on_down: list[Callable[[Shard, str], object]] = []
+        #: name -> when the shard last answered (probe or request)
+        self.last_answer: dict[str, float] = {}
         self._probing: set[str] = set()
         self._rounds = 0
         self._loop = LoopingCall(self._probe_round)
@@ -103,6 +109,7 @@ class HealthMonitor:
             callback(shard, why)
 
     def succeeded(self, name: str) -> None:
+        self.last_answer[name] = self.reactor.seconds()
         entry = self.down.pop(name, None)
         if entry is not None:
             took = self.reactor.seconds() - entry[0]

@@ -346,14 +346,20 @@ class BackendPool:
 
     def abandon(self, address: Address, why: str) -> int:
         """The shard at ``address`` is down: close its idle connections, and fail as
-        unreachable the exchanges waiting there with no answer byte yet (a GET is then
-        parked and replayed, anything else gets its 502). Returns how many failed."""
+        unreachable the GETs waiting there with no answer byte yet (they are parked
+        and replayed: a GET is safe to send again). Anything else is left to finish or
+        time out: a notification or a DELETE may have been processed already, and
+        sending it again would repeat it (a held notification delivered twice).
+        Returns how many failed."""
         for conn in self._idle.pop(address, []):
             conn.abort()
         waiting = [
             c.exchange
             for c in self._busy
-            if c.address == address and c.exchange is not None and not c.exchange.started
+            if c.address == address
+            and c.exchange is not None
+            and not c.exchange.started
+            and c.exchange.payload.startswith(b"GET ")
         ]
         host, port = address
         for exchange in waiting:

@@ -26,7 +26,7 @@ typecheck: $(BIN)/.installed
 	$(BIN)/mypy
 
 suite: $(BIN)/.installed
-	@scripts/system-deps.sh nginx prometheus
+	@scripts/system-deps.sh nginx prometheus nft=nftables
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 # The end-to-end test against a live Zulip with kansas.zulip enabled (stage 2 of

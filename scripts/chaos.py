@@ -14,6 +14,11 @@ victim once per round in a random order:
   real Tornado would; those re-registrations are counted apart, as the shard's;
 * ``kansas``   SIGKILL, restarted (no graceful stop: its cache and held state are gone).
 
+With ``--partitions`` (root only), Redis, PostgreSQL and shard a run on test hosts of
+their own (network namespaces, kansas.testing.netns), and each round has three more
+victims, whose links to kansas are cut silently (every packet dropped both ways) for
+``--min-cut`` to ``--max-cut`` seconds: ``net-redis``, ``net-postgres``, ``net-shard-a``.
+
 Faults do not overlap (one victim is down at a time). Besides the load, a "churn"
 thread creates a queue every ``--churn-interval`` seconds the way Django does, and a
 "flip" thread moves a realm's pin to the other shard every ``--flip-interval``
@@ -61,6 +66,7 @@ from typing import Any
 
 from kansas.ctl import main as ctl_main
 from kansas.testing.client import call
+from kansas.testing.netns import TestHost, available, cleanup_stale
 from kansas.testing.processes import CHECKOUT, DemoShardProcess, KansasProcess
 from kansas.testing.servers import PostgresServer, RedisServer, ServerError
 
@@ -108,11 +114,11 @@ def open_fds(pid: int) -> int | None:
         return None
 
 
-def redis_get(port: int, key: str) -> bytes | None:
+def redis_get(port: int, key: str, host: str = "127.0.0.1") -> bytes | None:
     import socket
 
     payload = b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(key), key.encode())
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+    with socket.create_connection((host, port), timeout=5) as s:
         s.sendall(payload)
         data = b""
         deadline = time.monotonic() + 5
@@ -160,6 +166,8 @@ class Chaos:
         self.work.mkdir(parents=True, exist_ok=True)
         self.redis = RedisServer(durable=True)
         self.postgres = PostgresServer()
+        #: with --partitions: the test hosts of redis, postgres and shard-a
+        self.hosts: dict[str, TestHost] = {}
         self.shards: dict[str, DemoShardProcess] = {}
         self.kansas: KansasProcess | None = None
         self.load: subprocess.Popen[str] | None = None
@@ -189,13 +197,28 @@ class Chaos:
         return subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd=CHECKOUT)
 
     def start_stack(self) -> None:
+        if self.args.partitions:
+            why = available()
+            if why is not None:
+                raise SystemExit(f"chaos: --partitions: {why}")
+            cleanup_stale()
+            for role in ("redis", "postgres", "shard-a"):
+                self.hosts[role] = TestHost(role).create()
+            self.redis.in_namespace(self.hosts["redis"].prefix, self.hosts["redis"].address)
+            self.postgres.in_namespace(self.hosts["postgres"].prefix,
+                                       self.hosts["postgres"].address)  # fmt: skip
         self.redis.start()
         self.postgres.start()
         base = ["--postgres", self.postgres.dsn, "--redis", self.redis.url]
         with open(os.devnull, "w") as quiet:
             assert ctl_main([*base, "migrate"], out=quiet) == 0
             for name in SHARDS:
-                shard = DemoShardProcess(name, self.work, SECRET).start()
+                host = self.hosts.get(f"shard-{name}")
+                shard = DemoShardProcess(
+                    name, self.work, SECRET,
+                    interface=host.address if host else "127.0.0.1",
+                    prefix=host.prefix if host else None,
+                ).start()  # fmt: skip
                 self.shards[name] = shard
                 assert ctl_main([*base, "shard", "add", name, shard.url], out=quiet) == 0
             for i, realm in enumerate(REALMS):
@@ -230,6 +253,8 @@ class Chaos:
             shard.stop()
         self.redis.cleanup()
         self.postgres.cleanup()
+        for host in self.hosts.values():
+            host.remove()
 
     # -- load --------------------------------------------------------------------------
     def start_load(self) -> None:
@@ -253,7 +278,11 @@ class Chaos:
         for name, shard in self.shards.items():
             if shard.alive():
                 with contextlib.suppress(OSError, http.client.HTTPException):
-                    found[name] = call(shard.port, "GET", "/demo/queues", timeout=10).json["queues"]
+                    # (X-Real-Ip: as from the shard's own host, for a test host's shard)
+                    local = {"X-Real-Ip": "127.0.0.1"}
+                    reply = call(shard.port, "GET", "/demo/queues", timeout=10,
+                                 address=shard.interface, headers=local)  # fmt: skip
+                    found[name] = reply.json["queues"]
         return found
 
     def wait_connected(self) -> None:
@@ -361,7 +390,16 @@ class Chaos:
         sig = "KILL"
         started = time.monotonic()
         self.down = victim  # before the kill: the churn thread labels its failures by it
-        if victim == "redis":
+        if victim.startswith("net-"):
+            sig = "DROP"
+            host = self.hosts[victim.removeprefix("net-")]
+            host.partition()
+            try:
+                self.pause(down_for)
+            finally:
+                host.heal()
+            started = time.monotonic()
+        elif victim == "redis":
             self.redis.stop(signal.SIGKILL)
             self.pause(down_for)
             started = time.monotonic()
@@ -401,14 +439,20 @@ class Chaos:
         order: list[str] = []
         while True:
             gap = self.rng.uniform(a.min_gap, a.max_gap)
-            down_for = self.rng.uniform(a.min_down, a.max_down)
+            if not order:
+                order = ["redis", "postgres", "shard", "kansas"]
+                if a.partitions:
+                    order += ["net-redis", "net-postgres", "net-shard-a"]
+                self.rng.shuffle(order)
+            victim = order[-1]
+            if victim.startswith("net-"):
+                down_for = self.rng.uniform(a.min_cut, a.max_cut)
+            else:
+                down_for = self.rng.uniform(a.min_down, a.max_down)
             if self.now() + gap + down_for + 5 > until:
                 return
             self.pause(gap)
-            if not order:
-                order = ["redis", "postgres", "shard", "kansas"]
-                self.rng.shuffle(order)
-            victim = order.pop()
+            order.pop()
             if victim == "shard":
                 victim = "shard-" + self.rng.choice(SHARDS)
             at = self.now()
@@ -461,7 +505,7 @@ class Chaos:
         while True:
             unmapped = []
             for queue_id, (shard, user, _realm) in known.items():
-                raw = redis_get(self.redis.port, "kansas:queue:" + queue_id)
+                raw = redis_get(self.redis.port, "kansas:queue:" + queue_id, self.redis.host)
                 mapped = json.loads(raw).get("shard") if raw is not None else None
                 if mapped != shard:
                     unmapped.append(f"{queue_id} (user {user}) on {shard}, mapped to {mapped}")
@@ -571,7 +615,7 @@ class Chaos:
             "faults": [asdict(f) for f in self.faults],
             "fault_counts": {
                 v: sum(1 for f in self.faults if f.victim.startswith(v))
-                for v in ("redis", "postgres", "shard", "kansas")
+                for v in ("redis", "postgres", "shard", "kansas", "net-")
             },
             "load": {k: report[k] for k in LOAD_FIELDS},
             "shard_killed_queues": self.shard_kill_queues,
@@ -657,6 +701,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--churn-interval", type=float, default=0.5)
     p.add_argument("--flip-interval", type=float, default=10.0)
     p.add_argument("--shard-signal", choices=("term", "kill"), default="term")
+    p.add_argument(
+        "--partitions",
+        action="store_true",
+        help="Redis, PostgreSQL and shard a on test hosts; their links cut too",
+    )
+    p.add_argument("--min-cut", type=float, default=5.0, help="seconds a link stays cut, min")
+    p.add_argument("--max-cut", type=float, default=20.0)
     p.add_argument("--memory-slack", type=float, default=0.25)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--workdir", help="logs and reports here (default: a new temp dir)")

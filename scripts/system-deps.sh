@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages kansas needs, if they are missing: redis-server and
 # PostgreSQL always, and any extra ones named as arguments (e.g. `wrk` for benchmarks,
-# `prometheus` for the alerting-rule tests: Debian's package brings `promtool` too).
+# `prometheus` for the alerting-rule tests: Debian's package brings `promtool` too);
+# COMMAND=PACKAGE when they differ, e.g. `nft=nftables`.
 # Needs root (or sudo) for apt-get; says what to do otherwise.
 set -euo pipefail
 
@@ -9,7 +10,7 @@ need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 for extra in "$@"; do
-  command -v "$extra" >/dev/null 2>&1 || need+=("$extra")
+  command -v "${extra%%=*}" >/dev/null 2>&1 || need+=("${extra#*=}")
 done
 [ ${#need[@]} -eq 0 ] && exit 0
 

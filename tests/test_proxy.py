@@ -612,3 +612,66 @@ def test_only_a_trusted_front_may_name_the_client(h: Harness) -> None:
     client.dataReceived(get())  # carries X-Real-Ip: 6.6.6.6
     _conn, st = h.shard_connection(9800)
     assert b"X-Real-Ip: 6.6.6.6\r\n" in st.value()
+
+
+def test_a_get_replayed_after_parking_is_answered_within_the_clients_patience(
+    h: Harness,
+) -> None:
+    """A long-poll the shard held for 30 s, cut off (a silent partition noticed, or a
+    restart), parked 15 s and replayed: the shard starts its long-poll afresh (up to
+    its heartbeat), so kansas answers the empty success 85 s after the request
+    arrived instead of letting the client reach its 90 s timeout (seen in the chaos
+    run with partitions: one long-poll over 90 s)."""
+    h.route()
+    client, ct = h.client()
+    client.dataReceived(get())
+    conn, _ = h.shard_connection(9800)
+    h.reactor.advance(30)
+    conn.connectionLost(Failure(ConnectionDone()))
+    h.health.failed("a", "test")
+    assert h.parking.parked("a") == 1
+    h.reactor.advance(15)
+    h.connected = len(h.reactor.tcpClients)
+    h.health.succeeded("a")  # back: the GET is sent again
+    _conn, st = h.shard_connection(9800)
+    assert st.value().startswith(b"GET ")  # sent again
+    h.reactor.advance(39)  # 84 s after arrival: the shard still holds it
+    assert ct.value() == b""
+    h.reactor.advance(2)  # the deadline (85 s) is checked once a second
+    assert ct.value(), "no answer 86 s after the request arrived"
+    status, body = status_and_json(ct.value())
+    assert (status, body["events"]) == (200, []), body
+
+
+def test_a_shard_marked_down_replays_its_waiting_gets_and_nothing_else(h: Harness) -> None:
+    """A silent partition noticed: the GETs waiting at the shard are parked (a GET is
+    safe to send again); a notification waiting there is left alone: it may have been
+    processed, and failing it as unreachable would have it held and delivered twice
+    (2 duplicated events in the chaos run with partitions)."""
+    from kansas.proxy.backend import CollectedResponse
+
+    h.route()
+    client, ct = h.client()
+    client.dataReceived(get())
+    h.shard_connection(9800)
+    notify = CollectedResponse()
+    payload = b"POST /api/internal/notify_tornado HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    h.pool.send(("127.0.0.1", 9800), payload, notify, False)
+    h.shard_connection(9800)
+    h.health.on_down.append(lambda shard, why: h.pool.abandon(shard.address, why))
+    h.health.failed("a", "a probe could not connect")
+    assert ct.value() == b"" and h.parking.parked("a") == 1
+    assert not notify.done.called
+
+
+def test_a_probe_that_began_before_the_shard_answered_cannot_mark_it_down(h: Harness) -> None:
+    """A link that heals while a probe's SYN is lost: the probe fails after another one
+    found the shard up; that stale failure must not mark it down again (and re-park
+    what was just released, as in the chaos run)."""
+    h.health.failed("a", "cut")
+    h.health.probe("a")
+    stale = h.reactor.tcpClients[-1][2]
+    h.reactor.advance(1.5)
+    h.health.succeeded("a")  # another probe, or an answer, says it is back
+    stale.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+    assert not h.health.is_down("a")

@@ -1,10 +1,13 @@
 """Which shards are down, learnt passively (failed connections) and actively (probes).
 
 A shard is marked down the moment kansas cannot connect to it, and up again the moment
-a probe connects or any request gets an answer. Probes are plain TCP connects: cheap
-for Tornado, and a restarting Tornado only listens once it has reloaded its queues.
-Down shards are probed every ``interval``; healthy ones ten times less often.
-Each change of state is logged once.
+a probe connects or any request gets an answer. Marking it down also gives up on the
+requests waiting at it that have not had an answer byte (``on_down``): a shard whose
+link died silently answers them never, and they are parked and replayed like those cut
+by a restart, instead of waiting for TCP to retransmit or for ``--backend-timeout``.
+Probes are plain TCP connects: cheap for Tornado, and a restarting Tornado only listens
+once it has reloaded its queues. Down shards are probed every ``interval``; healthy
+ones ten times less often. Each change of state is logged once.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ class _ProbeFactory(ClientFactory):
     def __init__(self, monitor: HealthMonitor, shard: Shard) -> None:
         self.monitor = monitor
         self.shard = shard
+        self.started = monitor.reactor.seconds()
 
     def buildProtocol(self, addr: Any) -> _Probe:
         return _Probe(self)
@@ -50,11 +54,14 @@ class _ProbeFactory(ClientFactory):
         self.done(reason.getErrorMessage())
 
     def done(self, error: str | None) -> None:
-        self.monitor._probing.discard(self.shard.name)
+        monitor = self.monitor
+        monitor._probing.discard(self.shard.name)
         if error is None:
-            self.monitor.succeeded(self.shard.name)
-        else:
-            self.monitor.failed(self.shard.name, error)
+            monitor.succeeded(self.shard.name)
+        elif monitor.last_answer.get(self.shard.name, -1.0) < self.started:
+            monitor.failed(self.shard.name, error)
+        # else: the shard has answered since this probe began (a link that healed
+        # while its SYN was lost): a stale failure, which must not mark it down again
 
 
 class HealthMonitor:
@@ -73,6 +80,10 @@ class HealthMonitor:
         self.down: dict[str, tuple[float, str]] = {}
         #: called whenever a shard is seen to answer (probe or request), down before or not
         self.on_healthy: list[Callable[[str], object]] = []
+        #: called with the shard and why, when a shard is marked down
+        self.on_down: list[Callable[[Shard, str], object]] = []
+        #: name -> when the shard last answered (probe or request)
+        self.last_answer: dict[str, float] = {}
         self._probing: set[str] = set()
         self._rounds = 0
         self._loop = LoopingCall(self._probe_round)
@@ -93,8 +104,12 @@ class HealthMonitor:
             return
         self.down[name] = (self.reactor.seconds(), why)
         log.warn("shard {name} is down: {why}", name=name, why=why)
+        shard = self.directory.current.shards[name]
+        for callback in self.on_down:
+            callback(shard, why)
 
     def succeeded(self, name: str) -> None:
+        self.last_answer[name] = self.reactor.seconds()
         entry = self.down.pop(name, None)
         if entry is not None:
             took = self.reactor.seconds() - entry[0]

@@ -40,6 +40,7 @@ class RouteTable:
         max_journal: int = 100_000,
         replay_interval: float = 1.0,
         replay_batch: int = 500,
+        recent_seconds: float = 30.0,
     ) -> None:
         self.store = store
         self._clock = clock
@@ -62,6 +63,13 @@ class RouteTable:
         self._replayer = LoopingCall(self._replay)
         self._replayer.clock = clock
         self._replay_interval = replay_interval
+        #: queue_id -> (route, when): mappings recorded in the last ``recent_seconds``,
+        #: written again after a Redis failover (they may have gone to the old master)
+        self._recent: dict[str, tuple[QueueRoute, float]] = {}
+        self.recent_seconds = recent_seconds
+        listeners = getattr(store, "on_master_change", None)
+        if listeners is not None:
+            listeners.append(self.master_changed)
 
     def cached(self, queue_id: str) -> QueueRoute | None:
         entry = self._cache.get(queue_id)
@@ -129,6 +137,15 @@ class RouteTable:
         """Cache a route and write it to the store; fires once written, or once it is
         in the journal for a later write."""
         self._remember(route)
+        now = self._clock.seconds()
+        recent = self._recent
+        recent.pop(route.queue_id, None)
+        recent[route.queue_id] = (route, now)
+        while recent:
+            oldest = next(iter(recent))
+            if now - recent[oldest][1] <= self.recent_seconds:
+                break
+            del recent[oldest]
         d = self.store.put(route)
         d.addErrback(self._write_failed, route)
         return d
@@ -198,9 +215,25 @@ class RouteTable:
         entry[1] = now
         self.store.touch(route).addErrback(self._store_failed, "touch")
 
+    def master_changed(self, old: object, new: object) -> None:
+        """Redis failed over: the mappings written in the last ``recent_seconds`` may
+        have reached only the old master, and are lost with its data when it becomes a
+        replica (or dies). They go into the journal, which writes them to the new one."""
+        now = self._clock.seconds()
+        again = 0
+        for queue_id, (route, at) in list(self._recent.items()):
+            if now - at <= self.recent_seconds and queue_id not in self._journal:
+                self._journal[queue_id] = (route, at)
+                again += 1
+        log.warn("Redis failed over: writing the {n} mappings of the last {s:.0f} s again",
+                 n=again, s=self.recent_seconds)  # fmt: skip
+        if self._journal and not self._replayer.running:
+            self._replayer.start(self._replay_interval, now=False)
+
     def forget(self, queue_id: str) -> Deferred[None]:
         self._cache.pop(queue_id, None)
         self._journal.pop(queue_id, None)
+        self._recent.pop(queue_id, None)
         d = self.store.delete(queue_id)
         d.addErrback(self._store_failed, "delete")
         return d

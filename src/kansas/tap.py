@@ -350,6 +350,7 @@ def assemble(options: Options, reactor: Any) -> KansasService:
     )
 
     health = HealthMonitor(reactor, follower, interval=options["probe-interval"])
+    health.on_down.append(lambda shard, why: pool.abandon(shard.address, why))
     parking = Parking(reactor, health, options["max-parked"], options["release-rate"])
     # -- observability: begin --------------------------------------------------------------
     access_log = None if options["access-log"] == "off" else AccessLog(options["access-log"])

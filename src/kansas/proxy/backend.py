@@ -344,6 +344,28 @@ class BackendPool:
         if idle and conn in idle:
             idle.remove(conn)
 
+    def abandon(self, address: Address, why: str) -> int:
+        """The shard at ``address`` is down: close its idle connections, and fail as
+        unreachable the GETs waiting there with no answer byte yet (they are parked
+        and replayed: a GET is safe to send again). Anything else is left to finish or
+        time out: a notification or a DELETE may have been processed already, and
+        sending it again would repeat it (a held notification delivered twice).
+        Returns how many failed."""
+        for conn in self._idle.pop(address, []):
+            conn.abort()
+        waiting = [
+            c.exchange
+            for c in self._busy
+            if c.address == address
+            and c.exchange is not None
+            and not c.exchange.started
+            and c.exchange.payload.startswith(b"GET ")
+        ]
+        host, port = address
+        for exchange in waiting:
+            exchange.failed(f"shard {host}:{port} is unreachable: {why}", Failed.UNREACHABLE)
+        return len(waiting)
+
     def idle_count(self, address: Address | None = None) -> int:
         if address is not None:
             return len(self._idle.get(address, ()))

@@ -140,6 +140,7 @@ class FrontProtocol(Protocol):
         "note",
         "parked",
         "parser",
+        "patience",
         "peer",
         "pending",
         "proxy",
@@ -175,6 +176,8 @@ class FrontProtocol(Protocol):
         #: next candidate, or where the shard's X-Accel-Redirect points.
         self.detour: Target | None = None
         self.arrived = 0.0
+        #: when a GET replayed after parking must be answered (0: not replayed)
+        self.patience = 0.0
         # -- what the access log and the metrics need (kansas.observe) --
         self.method = b""
         self.kind = "other"  # "events", "internal" or "other"
@@ -304,6 +307,7 @@ class FrontProtocol(Protocol):
         self.busy = True
         self.keep_alive = request.keep_alive and not proxy.retiring
         self.arrived = self.sent_at = proxy.clock.seconds()
+        self.patience = 0.0
         self.method = method
         incoming = request.request_id
         self.rid = proxy.ids.new() if incoming is None else proxy.ids.choose(incoming, self.trusted)
@@ -359,6 +363,7 @@ class FrontProtocol(Protocol):
         (``kind`` is set by ``_dispatch``, ``status`` before any answer, ``longpoll``
         before a shard is chosen)."""
         self.arrived = self.proxy.clock.seconds()
+        self.patience = 0.0
         self.method = method
         ids = self.proxy.ids
         self.rid = ids.new() if incoming_id is None else ids.choose(incoming_id, self.trusted)
@@ -621,6 +626,13 @@ class FrontProtocol(Protocol):
         self.parked = None
         if self.pending is not None and not self.gone:
             self._send(self.pending)
+            exchange = self.exchange
+            if exchange is not None:
+                # The client has been waiting since it arrived, and the shard starts
+                # its long-poll afresh (up to its heartbeat, ~55 s): answered by the
+                # client's patience all the same, with the empty success.
+                self.patience = self.arrived + CLIENT_PATIENCE_SECONDS
+                exchange.deadline = min(exchange.deadline, self.patience)
 
     def _expire(self) -> None:
         self.parked = None
@@ -778,6 +790,10 @@ class FrontProtocol(Protocol):
             return
         if pending.method == b"GET" and kind in (Failed.UNREACHABLE, Failed.CLOSED):
             self._park(pending)
+            return
+        if kind is Failed.TIMEOUT and self.patience and pending.method == b"GET":
+            self.patience = 0.0
+            self._empty_success(pending.queue_id)  # "poll again", before the client quits
             return
         log.warn("{reason}", reason=reason)
         self._unavailable(target)

@@ -37,6 +37,18 @@ PRIORITY_STEP = 10
 #: So that operators (and tests) can tell kansas's sessions apart in pg_stat_activity.
 APPLICATION_NAME = "kansas"
 CONNECT_TIMEOUT_SECONDS = 5
+#: A connection whose peer stopped answering (a silent partition: no RST, no ICMP) is
+#: dropped within ~11 s: idle, by TCP keepalives (first after 5 s, then 3 every 2 s);
+#: with data unacknowledged, by TCP_USER_TIMEOUT. Otherwise kansas's LISTEN connection
+#: stays "up" for as long as TCP does (~15 minutes), or for ever once the server has
+#: given up on it: kansas would never hear a NOTIFY again. A DSN's own values win.
+LIVENESS = {
+    "keepalives": "1",
+    "keepalives_idle": "5",
+    "keepalives_interval": "2",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "10000",
+}
 
 
 def describe_dsn(dsn: str) -> str:
@@ -56,9 +68,14 @@ def describe_dsn(dsn: str) -> str:
 def connect(dsn: str, application_name: str = APPLICATION_NAME) -> Any:
     """A psycopg2 connection, or a one-line KansasError saying why not."""
     describe_dsn(dsn)  # reject a malformed DSN with a clear message first
+    given = psycopg2.extensions.parse_dsn(dsn)
+    liveness = {k: v for k, v in LIVENESS.items() if k not in given}
     try:
         return psycopg2.connect(
-            dsn, connect_timeout=CONNECT_TIMEOUT_SECONDS, application_name=application_name
+            dsn,
+            connect_timeout=CONNECT_TIMEOUT_SECONDS,
+            application_name=application_name,
+            **liveness,
         )
     except psycopg2.OperationalError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

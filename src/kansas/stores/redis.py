@@ -20,8 +20,11 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import txredisapi
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList, fail, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -31,6 +34,9 @@ from kansas.observe.metrics import CallStats
 from kansas.stores.interface import ROUTE_SLACK_SECONDS, IRouteStore
 
 KEY_PREFIX = "kansas:queue:"
+log = Logger()
+#: With Sentinel, how often the sentinels are asked which server is the master.
+MASTER_CHECK_INTERVAL = 1.0
 
 
 #: Calls allowed to wait for a pool that has never connected yet (at start-up).
@@ -226,6 +232,36 @@ def parse_redis_url(url: str) -> RedisAddress:
     )
 
 
+def _bounded(d: Deferred[Any], seconds: float, clock: IReactorTime) -> Deferred[Any]:
+    """What ``d`` gives, or ``defer.TimeoutError`` after ``seconds``, whichever comes
+    first, *without cancelling* ``d``: cancelling a txredisapi call also cancels its
+    reply timeout, which is what drops a connection whose Redis stopped answering (a
+    silent partition: no RST, so TCP keeps it up for ~15 minutes). Kept running, the
+    call fails at txredisapi's reply timeout, its connection is aborted, and the calls
+    after it fail at once (RedisUnavailable) instead of each waiting ``seconds``."""
+    out: Deferred[Any] = Deferred()
+
+    def expire() -> None:
+        if not out.called:
+            out.errback(defer.TimeoutError(f"no answer from Redis in {seconds:g} s"))
+
+    timer = clock.callLater(seconds, expire)
+
+    def settle(result: Any) -> None:
+        if timer.active():
+            timer.cancel()
+        if out.called:
+            return
+        if isinstance(result, Failure):
+            out.errback(result)
+        else:
+            out.callback(result)
+        # else: the caller has had its timeout; a late failure is not an unhandled one
+
+    d.addBoth(settle)
+    return out
+
+
 def _measured(result: Any, done: Any) -> Any:
     done(not isinstance(result, Failure))
     return result
@@ -249,6 +285,11 @@ class RedisRouteStore:
         self.stats = CallStats()
         # convertNumbers=False: routing data stays text ("007" must not become 7).
         self._sentinel: Any = None
+        #: called with (old, new) master address when Sentinel names a new master
+        self.on_master_change: list[Any] = []
+        self._master: tuple[str, int] | None = None
+        self._master_check = LoopingCall(self._check_master)
+        self._master_check.clock = clock
         if address.sentinels:
             # The master's address is asked of the sentinels before every connection,
             # so a failover is followed (connections to the old master are dropped).
@@ -263,6 +304,7 @@ class RedisRouteStore:
                 convertNumbers=False,
                 replyTimeout=max(call_timeout, 5.0),
             )
+            self._master_check.start(MASTER_CHECK_INTERVAL, now=True)
             return
         self._redis = txredisapi.lazyConnectionPool(
             host=address.host,
@@ -277,6 +319,31 @@ class RedisRouteStore:
             connectTimeout=call_timeout,
             replyTimeout=max(call_timeout, 5.0),
         )
+
+    def _check_master(self) -> None:
+        """Sentinel: follow a failover at once. The old master may stay up, and keep
+        taking kansas's writes, until Sentinel gets round to demoting it (seconds:
+        10 s in the test); what it takes meanwhile is wiped when it resyncs as a
+        replica. So once the sentinels name a new master, kansas drops its connections
+        (they reconnect to the new one) and tells ``on_master_change``, whose listener
+        (RouteTable) writes its recent mappings again."""
+        d = self._sentinel.discover_master(self.address.service)
+
+        def found(addr: Any) -> None:
+            master = (str(_text(addr[0])), int(addr[1]))
+            old, self._master = self._master, master
+            if old is None or old == master:
+                return
+            log.warn("Redis Sentinel names a new master for {s}: {old} -> {new}; reconnecting",
+                     s=self.address.service, old=f"{old[0]}:{old[1]}",
+                     new=f"{master[0]}:{master[1]}")  # fmt: skip
+            for conn in list(self._redis._factory.pool):
+                if conn.transport is not None:
+                    conn.transport.abortConnection()
+            for callback in self.on_master_change:
+                callback(old, master)
+
+        d.addCallbacks(found, lambda _: None)  # no answer: ask again next time
 
     def _call(self, method: str, *args: Any, op: str | None = None) -> Deferred[Any]:
         """Call txredisapi's ``method``, bounded by the call timeout, timed and counted
@@ -295,8 +362,7 @@ class RedisRouteStore:
         else:
             self._queued_unconnected += 1
         d: Deferred[Any] = getattr(self._redis, method)(*args)
-        d.addTimeout(self._timeout, self._clock)
-        return d.addBoth(_measured, done)
+        return _bounded(d, self._timeout, self._clock).addBoth(_measured, done)
 
     def get(self, queue_id: str) -> Deferred[QueueRoute | None]:
         d = self._call("get", KEY_PREFIX + queue_id)
@@ -402,6 +468,8 @@ class RedisRouteStore:
         return found
 
     def close(self) -> Deferred[None]:
+        if self._master_check.running:
+            self._master_check.stop()
         d: Deferred[None] = self._redis.disconnect()
         if self._sentinel is not None:
             sentinels: Deferred[Any] = self._sentinel.disconnect()

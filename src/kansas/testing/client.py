@@ -31,10 +31,11 @@ def call(
     headers: dict[str, str] | None = None,
     timeout: float = 10.0,
     conn: http.client.HTTPConnection | None = None,
+    address: str = "127.0.0.1",
 ) -> Reply:
     """Send one request (on ``conn`` if given, kept open) and read the whole reply."""
     own = conn is None
-    connection = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    connection = conn or http.client.HTTPConnection(address, port, timeout=timeout)
     target = path + ("?" + urlencode(params) if params else "")
     body = urlencode(form).encode() if form is not None else None
     all_headers = {"Host": host, **(headers or {})}

@@ -22,9 +22,9 @@ from kansas.testing.servers import STARTUP_DEADLINE_SECONDS, ServerError, free_p
 CHECKOUT = Path(__file__).resolve().parents[3]
 
 
-def port_open(port: int) -> bool:
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        with socket.create_connection((host, port), timeout=0.5):
             return True
     except OSError:
         return False
@@ -36,6 +36,8 @@ class Child:
     def __init__(self, name: str, argv: list[str], log_dir: Path) -> None:
         self.name = name
         self.argv = argv
+        #: ``ip netns exec NAME`` to run it in another network namespace
+        self.prefix: list[str] = []
         self.log_path = log_dir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
@@ -47,7 +49,7 @@ class Child:
         )
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            self.argv,
+            [*self.prefix, *self.argv],
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -117,10 +119,15 @@ class DemoShardProcess(Child):
         port: int | None = None,
         sharding: str | Path | None = None,
         default_port: int | None = None,
+        interface: str = "127.0.0.1",
+        prefix: list[str] | None = None,
     ) -> None:
         """``sharding``: a sharding.json, to act as an unmodified Zulip Tornado on
-        ``port`` (see kansas.demo.shard); ``default_port`` goes with it."""
+        ``port`` (see kansas.demo.shard); ``default_port`` goes with it. ``interface``
+        and ``prefix`` (``ip netns exec NAME``): to run on a test host of
+        kansas.testing.netns."""
         self.port = port or free_port()
+        self.interface = interface
         self.secret = secret
         self.state_file = log_dir / f"{name}.state.json"
         argv = [sys.executable, "-m", "kansas.demo.shard", "--port", str(self.port)]
@@ -131,17 +138,20 @@ class DemoShardProcess(Child):
             argv += ["--sharding", str(sharding)]
         if default_port is not None:
             argv += ["--default-port", str(default_port)]
+        if interface != "127.0.0.1":
+            argv += ["--interface", interface]
         super().__init__(name, argv, log_dir)
+        self.prefix = list(prefix or [])
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.interface}:{self.port}"
 
     def start(self) -> DemoShardProcess:
         offset = len(self.log_text())
         self.argv[self.argv.index("--state-file") + 1] = str(self.state_file)
         self.spawn()
-        self.wait_for(r"listening on 127\.0\.0\.1:\d+", after=offset)
+        self.wait_for(rf"listening on {re.escape(self.interface)}:\d+", after=offset)
         return self
 
 

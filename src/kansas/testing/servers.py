@@ -86,6 +86,10 @@ class _Process:
     name = "server"
 
     def __init__(self, base_dir: Path | None) -> None:
+        #: The address it listens on; with ``prefix`` (``ip netns exec NAME``, see
+        #: kansas.testing.netns), another network namespace's.
+        self.host = "127.0.0.1"
+        self.prefix: list[str] = []
         self._own_dir = base_dir is None
         self.dir = (
             Path(tempfile.mkdtemp(prefix=f"kansas-{self.name}-")) if base_dir is None else base_dir
@@ -99,10 +103,21 @@ class _Process:
     def log_path(self) -> Path:
         return self.dir / f"{self.name}.log"
 
+    def in_namespace(self, prefix: Sequence[str], host: str) -> None:
+        """Run (from the next start) inside another network namespace, listening on
+        ``host`` there: ``prefix`` is ``ip netns exec NAME``."""
+        self.prefix = list(prefix)
+        self.host = host
+
     def _spawn(self, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        if self.prefix and "user" in kwargs:
+            # ip netns exec needs root: change user after it, not before.
+            uid, gid = kwargs.pop("user"), kwargs.pop("group")
+            kwargs.pop("extra_groups", None)
+            argv = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", *argv]
         self.proc = subprocess.Popen(
-            list(argv),
+            [*self.prefix, *argv],
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -142,17 +157,21 @@ class _Process:
 class RedisServer(_Process):
     name = "redis"
 
-    def __init__(self, base_dir: Path | None = None, *, durable: bool = False) -> None:
+    def __init__(
+        self, base_dir: Path | None = None, *, durable: bool = False, replica_of: int = 0
+    ) -> None:
+        """``replica_of``: the port of a master on 127.0.0.1 to replicate."""
         super().__init__(base_dir)
         self.durable = durable
+        self.replica_of = replica_of
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{self.host}:{self.port}/0"
 
     def ping(self) -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+            with socket.create_connection((self.host, self.port), timeout=1) as s:
                 s.sendall(b"PING\r\n")
                 return s.recv(64).startswith(b"+PONG")
         except OSError:
@@ -167,8 +186,14 @@ class RedisServer(_Process):
             if self.durable
             else ["--appendonly", "no"]
         )
-        argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        argv = [binary, "--port", str(self.port), "--bind", self.host, "--save", ""]
         argv += [*persistence, "--dir", str(self.dir), "--daemonize", "no"]
+        if self.replica_of:
+            argv += ["--replicaof", "127.0.0.1", str(self.replica_of)]
+        if not self.host.startswith("127."):
+            # A test host's private address: clients come from the other end of its
+            # link, which protected mode would refuse.
+            argv += ["--protected-mode", "no"]
         proc = self._spawn(argv)
         wait_until(self.ping, "redis-server", proc)
         return self
@@ -197,7 +222,7 @@ class PostgresServer(_Process):
 
     @property
     def dsn(self) -> str:
-        return f"host=127.0.0.1 port={self.port} dbname={self.database} user=postgres"
+        return f"host={self.host} port={self.port} dbname={self.database} user=postgres"
 
     def _as_postgres(self) -> dict[str, Any]:
         """Run as the postgres user when we are root (initdb and postgres refuse root)."""
@@ -214,7 +239,7 @@ class PostgresServer(_Process):
 
         try:
             psycopg2.connect(
-                host="127.0.0.1", port=self.port, dbname=dbname, user="postgres", connect_timeout=2
+                host=self.host, port=self.port, dbname=dbname, user="postgres", connect_timeout=2
             ).close()
             return True
         except psycopg2.OperationalError:
@@ -237,11 +262,17 @@ class PostgresServer(_Process):
                 # Usually: as root, the postgres user cannot reach a directory above data/.
                 last = (initdb.stderr.strip().splitlines() or ["?"])[-1]
                 raise ServerError(f"initdb in {self.data} failed: {last}")
+        hba = self.data / "pg_hba.conf"
+        if not self.host.startswith("127.") and "# kansas test host" not in hba.read_text():
+            # On a test host (kansas.testing.netns): clients come from the other end of
+            # its private link.
+            with hba.open("a") as f:
+                f.write("# kansas test host\nhost all all samenet trust\n")
         creds = self._as_postgres()
         if self.log_path.exists() and creds:
             os.chown(self.log_path, creds["user"], creds["group"])
         settings = {
-            "listen_addresses": "127.0.0.1",
+            "listen_addresses": self.host,
             "unix_socket_directories": str(self.dir),
             "fsync": "off",
             "full_page_writes": "off",
@@ -259,9 +290,7 @@ class PostgresServer(_Process):
     def _ensure_database(self) -> None:
         import psycopg2
 
-        conn = psycopg2.connect(
-            host="127.0.0.1", port=self.port, dbname="postgres", user="postgres"
-        )
+        conn = psycopg2.connect(host=self.host, port=self.port, dbname="postgres", user="postgres")
         conn.autocommit = True
         with conn.cursor() as cur:
             cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.database,))

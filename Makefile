@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The checkout on sys.path lets twistd find twisted/plugins/kansas_plugin.py.
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: test lint typecheck suite run bench chaos fuzz format clean system-deps
+.PHONY: test lint typecheck suite run bench chaos fuzz fuzz-corpus format clean system-deps
 
 system-deps:
 	@scripts/system-deps.sh
@@ -43,8 +43,25 @@ bench: $(BIN)/.installed
 chaos: $(BIN)/.installed system-deps
 	$(BIN)/python scripts/chaos.py $(CHAOS_ARGS)
 
+# make fuzz: the hypothesis properties at length, then the differential fuzzer (atheris,
+# kansas's request parser against h11) for FUZZ_SECONDS; new inputs go to .fuzz/corpus
+# (git-ignored), findings to .fuzz/findings (the target fails if there are any).
+# make fuzz-corpus folds .fuzz/corpus into tests/corpus/parser, minimised by coverage.
+FUZZ_SECONDS ?= 300
+FUZZ_OPTIONS := -max_len=2048 -timeout=10 -print_final_stats=1
 fuzz: $(BIN)/.installed
+	$(BIN)/pip install --quiet -e '.[test,fuzz]'
 	KANSAS_FUZZ_EXAMPLES=$${KANSAS_FUZZ_EXAMPLES:-20000} $(BIN)/pytest -q tests/test_fuzz.py --timeout 0
+	rm -rf .fuzz/findings && mkdir -p .fuzz/corpus
+	nice $(BIN)/python scripts/fuzz_parser.py .fuzz/corpus tests/corpus/parser \
+		-max_total_time=$(FUZZ_SECONDS) $(FUZZ_OPTIONS)
+	@if [ -d .fuzz/findings ]; then cat .fuzz/findings/*.txt; exit 1; fi
+
+fuzz-corpus: $(BIN)/.installed
+	rm -rf .fuzz/merged && mkdir -p .fuzz/merged .fuzz/corpus
+	nice $(BIN)/python scripts/fuzz_parser.py -merge=1 .fuzz/merged tests/corpus/parser \
+		.fuzz/corpus $(FUZZ_OPTIONS)
+	rm -rf tests/corpus/parser && mv .fuzz/merged tests/corpus/parser
 
 format: $(BIN)/.installed
 	$(BIN)/ruff format src tests twisted bench scripts

@@ -3,9 +3,11 @@
 ``check(data)`` feeds ``data`` (a client's byte stream, possibly several pipelined
 requests) to ``kansas.http.wire.RequestParser`` and to h11 (a well-kept pure-Python
 HTTP/1.1 parser), lines up the requests each one cut out of it, and says whether they
-disagree in a way that matters. ``scripts/fuzz_parser.py`` calls it under atheris
-(coverage-guided, ``make fuzz``); ``tests/test_parser_corpus.py`` replays the corpus
-(``tests/corpus/parser/``) through it in ``make test``.
+disagree in a way that matters. llhttp (Node's parser, through httptools) is a second
+oracle, compared on methods, targets and bodies only, by the same rules.
+``scripts/fuzz_parser.py`` calls it under atheris (coverage-guided, ``make fuzz``);
+``tests/test_parser_corpus.py`` replays the corpus (``tests/corpus/parser/``) through it
+in ``make test``.
 
 A **finding** is one of:
 
@@ -18,7 +20,10 @@ A **finding** is one of:
 - the quick path (``kansas.proxy.quick.quick_request``) takes bytes that the general
   parser does not read as exactly that one bodiless request;
 - kansas gives other requests when the same bytes arrive in pieces;
-- kansas refuses what h11 accepts for a reason not listed in ``STRICTER``.
+- kansas refuses what h11 accepts for a reason not listed in ``STRICTER`` (not a hole,
+  but the list must stay complete);
+- against llhttp: kansas accepts what llhttp refuses, outside ``LLHTTP_STRICTER``, or
+  ends a request elsewhere.
 
 kansas refusing what h11 accepts is never a finding by itself: kansas is a proxy in
 front of other parsers and is stricter on purpose, class by class, each with its RFC
@@ -32,6 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import h11
+import httptools
 from h11._state import MIGHT_SWITCH_PROTOCOL
 
 from kansas.http.wire import MAX_HEAD_BYTES, HttpError, Request, RequestParser
@@ -114,6 +120,24 @@ ORACLE_STRICTER: dict[str, str] = {
     "no request line received": (
         "2.2: a server SHOULD ignore at least one empty line (CRLF) before a "
         "request-line; kansas ignores one, h11 none"
+    ),
+}
+
+
+#: The second oracle, llhttp (through httptools), compared on methods, targets and
+#: bodies only: where it refuses what kansas and h11 accept, by its error message.
+LLHTTP_STRICTER: dict[str, str] = {
+    "Invalid method encountered": (
+        "llhttp knows a fixed list of methods; a method is any token (RFC 9110 9.1), "
+        "and kansas's listeners answer 405 to all but the few they serve"
+    ),
+    "Expected space after method": (
+        'the same list: llhttp reads a method by its known names ("GETX" fails after '
+        '"GET"), kansas as a token'
+    ),
+    "Duplicate Content-Length": (
+        "RFC 9112 6.3 (5), RFC 9110 8.6: repeated identical values MAY be taken as one "
+        "(h11 does too); conflicting ones are 400"
     ),
 }
 
@@ -232,6 +256,47 @@ def h11_outcome(data: bytes) -> Outcome:
         return out
 
 
+class _Llhttp:
+    """httptools's callbacks, collecting what the request parser cut out."""
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpRequestParser(self)
+        self.out = Outcome()
+        self.target = b""
+        self.body: list[bytes] = []
+
+    def on_message_begin(self) -> None:
+        self.target, self.body = b"", []
+
+    def on_url(self, url: bytes) -> None:
+        self.target += url
+
+    def on_headers_complete(self) -> None:
+        self.out.head_pending = True
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        keep_alive = self.parser.should_keep_alive()
+        method = self.parser.get_method()
+        self.out.requests.append(Framed(method, self.target, b"", (), b"".join(self.body),
+                                        keep_alive))  # fmt: skip
+        self.out.head_pending = False
+
+
+def llhttp_outcome(data: bytes) -> Outcome:
+    """llhttp's reading of ``data`` (methods, targets, bodies and keep-alive only)."""
+    ll = _Llhttp()
+    try:
+        ll.parser.feed_data(data)
+    except httptools.HttpParserUpgrade:
+        ll.out.end = "closed"
+    except httptools.HttpParserError as e:
+        ll.out.end, ll.out.message = "error", str(e)
+    return ll.out
+
+
 @dataclass(frozen=True, slots=True)
 class Verdict:
     """``finding`` is None when the parsers agree or differ only in a listed class."""
@@ -271,6 +336,9 @@ def check(data: bytes) -> Verdict:
         split = kansas_outcome(data, pieces)
         if (split.requests, split.end == "error") != (k.requests, k.end == "error"):
             return Verdict(f"kansas reads the stream in {pieces} pieces differently", "")
+    second = _against_llhttp(k, llhttp_outcome(data))
+    if second is not None:
+        return Verdict(second, "")
     h = h11_outcome(data)
     n = 0
     for kr, hr in zip(k.requests, h.requests, strict=False):
@@ -316,3 +384,22 @@ def _stricter(k: Outcome) -> Verdict:
     if k.message in STRICTER:
         return Verdict(None, k.message)
     return Verdict(f"kansas refuses, for a reason not listed as deliberate: {k.message}", "")
+
+
+def _against_llhttp(k: Outcome, ll: Outcome) -> str | None:
+    """A finding against llhttp, on methods, targets and bodies, or None."""
+    n = 0
+    for kr, lr in zip(k.requests, ll.requests, strict=False):
+        if (kr.method, kr.target, kr.body) != (lr.method, lr.target, lr.body):
+            return f"request {n + 1} framed differently: kansas {kr!r}, llhttp {lr!r}"
+        n += 1
+    if k.end == "closed" and n == len(k.requests):
+        return None  # llhttp goes on reading, or refuses the bytes after a close
+    if len(k.requests) > n or (k.head_pending and not ll.head_pending):
+        if ll.end == "error" and len(ll.requests) == n:
+            if any(ll.message.startswith(m) for m in LLHTTP_STRICTER):
+                return None
+            return f"kansas accepts request {n + 1}, which llhttp refuses: {ll.message}"
+        if len(k.requests) > n and ll.end != "closed":
+            return f"kansas ends request {n + 1} where llhttp is still reading it"
+    return None

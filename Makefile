@@ -48,7 +48,7 @@ chaos: $(BIN)/.installed system-deps
 # (git-ignored), findings to .fuzz/findings (the target fails if there are any).
 # make fuzz-corpus folds .fuzz/corpus into tests/corpus/parser, minimised by coverage.
 FUZZ_SECONDS ?= 300
-FUZZ_OPTIONS := -dict=scripts/fuzz_parser.dict -max_len=2048 -timeout=10 -print_final_stats=1
+FUZZ_OPTIONS := -artifact_prefix=.fuzz/ -dict=scripts/fuzz_parser.dict -max_len=2048 -timeout=10 -print_final_stats=1
 fuzz: $(BIN)/.installed
 	$(BIN)/pip install --quiet -e '.[test,fuzz]'
 	KANSAS_FUZZ_EXAMPLES=$${KANSAS_FUZZ_EXAMPLES:-20000} $(BIN)/pytest -q tests/test_fuzz.py --timeout 0

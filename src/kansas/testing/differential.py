@@ -323,14 +323,12 @@ def check(data: bytes) -> Verdict:
     if quick is not None:
         end = "incomplete" if quick.keep_alive else "closed"
         one = len(k.requests) == 1 and k.end == end and not k.head_pending and not k.left
-        if (
-            not one
-            or k.requests[0].body
-            or (
-                (quick.method, quick.target, quick.keep_alive)
-                != (k.requests[0].method, k.requests[0].target, k.requests[0].keep_alive)
-            )
-        ):
+        first = k.requests[0] if one else None
+        if first is None or first.body or (
+            (quick.method, quick.target, quick.keep_alive, quick.host, quick.request_id)
+            != (first.method, first.target, first.keep_alive, _last(first, b"host"),
+                _last(first, b"x-request-id"))
+        ):  # fmt: skip
             return Verdict("the quick path takes what the general parser does not", "")
     for pieces in (2, 3):
         split = kansas_outcome(data, pieces)
@@ -378,6 +376,12 @@ def check(data: bytes) -> Verdict:
         return Verdict(f"kansas accepts the head of request {n + 1}, which h11 refuses: "
                        f"{h.message}", "")  # fmt: skip
     return Verdict(None, "agree")
+
+
+def _last(request: Framed, name: bytes) -> bytes | None:
+    """The value of a header's last line, as ``Request.header`` gives it."""
+    values = [v for n, v in request.headers if n == name]
+    return values[-1] if values else None
 
 
 def _stricter(k: Outcome) -> Verdict:

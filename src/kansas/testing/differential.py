@@ -227,8 +227,15 @@ def h11_outcome(data: bytes) -> Outcome:
             elif isinstance(event, h11.EndOfMessage):
                 assert head is not None
                 if conn.their_state in (h11.DONE, MIGHT_SWITCH_PROTOCOL):
-                    conn.send(h11.Response(status_code=200, headers=[(b"content-length", b"0")]))
-                    conn.send(h11.EndOfMessage())
+                    # A 404 (as kansas's listener would answer most of what fuzzing makes)
+                    # turns down an Upgrade or a CONNECT, so that h11 reads on.
+                    try:
+                        conn.send(
+                            h11.Response(status_code=404, headers=[(b"content-length", b"0")])
+                        )
+                        conn.send(h11.EndOfMessage())
+                    except h11.LocalProtocolError:
+                        pass  # h11 cannot answer: it reads no further (keep_alive is False)
                 keep_alive = conn.states == {h11.CLIENT: h11.DONE, h11.SERVER: h11.DONE}
                 pairs = [(n, v) for n, v in head.headers]
                 out.requests.append(

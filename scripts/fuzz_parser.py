@@ -108,6 +108,15 @@ def seeds() -> list[bytes]:
             b"GET /json/events HTTP/1.2\r\n" + host + b"\r\n",
             b"GET /json/events HTTP/1.1\r\n" + host + b"Expect: 100-continue\r\nUpgrade: x"
             b"\r\n\r\n" + poll]  # fmt: skip
+    # The quick path's special headers, each alone on an otherwise quick request.
+    for extra in [b"Connection: close", b"Connection: keep-alive, close", b"Connection: Close",
+                  b"Connection: keep-alive", b"Connection: upgrade", b"X-Request-Id: abc-1",
+                  b"X-Request-Id: a\r\nX-Request-Id: b", b"Keep-Alive: 5", b"TE: trailers",
+                  b"Proxy-Connection: close", b"Content-Length: 0", b"Expect: 100-continue",
+                  b"Connection: close\r\nConnection: keep-alive", b"host: b.example.com",
+                  b"Transfer-Encoding: chunked"]:  # fmt: skip
+        out.append(poll.replace(b"Cookie: sessionid=x", extra))
+        out.append(poll.replace(b"Cookie: sessionid=x", extra) + poll)
     return list(dict.fromkeys(out))
 
 

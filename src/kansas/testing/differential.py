@@ -135,6 +135,12 @@ LLHTTP_STRICTER: dict[str, str] = {
         'the same list: llhttp reads a method by its known names ("GETX" fails after '
         '"GET"), kansas as a token'
     ),
+    "Data after `Connection: close`": (
+        "keep-alive, not framing: llhttp also closes on Proxy-Connection: close, a "
+        "pre-standard field that RFC 9110 7.6.1 has intermediaries drop; kansas reads "
+        "keep-alive from Connection only (RFC 9112 9.3), as h11 does, and the h11 "
+        "comparison checks keep-alive"
+    ),
     "Duplicate Content-Length": (
         "RFC 9112 6.3 (5), RFC 9110 8.6: repeated identical values MAY be taken as one "
         "(h11 does too); conflicting ones are 400"

@@ -43,9 +43,9 @@ bench: $(BIN)/.installed
 chaos: $(BIN)/.installed system-deps
 	$(BIN)/python scripts/chaos.py $(CHAOS_ARGS)
 
-# make fuzz: the hypothesis properties at length, then the differential fuzzer (atheris,
-# kansas's request parser against h11 and llhttp) for FUZZ_SECONDS; new inputs go to .fuzz/corpus
-# (git-ignored), findings to .fuzz/findings (the target fails if there are any).
+# make fuzz: the hypothesis properties at length, then the differential fuzzer (atheris:
+# kansas's request parser against h11 and llhttp) for FUZZ_SECONDS; new inputs go to
+# .fuzz/corpus (git-ignored), findings to .fuzz/findings (then the target fails).
 # make fuzz-corpus adds to tests/corpus/parser the inputs of .fuzz/corpus that reach new
 # coverage (libFuzzer's merge; the inputs already there stay).
 FUZZ_SECONDS ?= 300

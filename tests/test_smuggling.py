@@ -197,6 +197,19 @@ def test_fuzz_only_one_crlf_may_come_before_a_request(prefix: bytes) -> None:
     assert outcome(b"\r\n" + request) == b""
 
 
+@pytest.mark.parametrize(
+    "head",
+    [b"CONNECT /nts HTTP/1.1\r\nHost: chat.example.com\r\nContent-Length: 5\r\n\r\nhello",
+     b"CONNECT /json/events HTTP/1.1\r\nHost: chat.example.com\r\n\r\n",
+     b"CONNECT chat.example.com:443 HTTP/1.1\r\nHost: chat.example.com:443\r\n\r\n"],
+    ids=["with-length", "origin-form", "authority-form"],
+)  # fmt: skip
+def test_fuzz_connect_is_refused(head: bytes) -> None:
+    """RFC 9110 9.3.6: a CONNECT request has no content and a tunnel follows it: kansas
+    read a Content-Length body and a next request after it, llhttp no body and a tunnel."""
+    assert outcome(head + SMUGGLED) == 400
+
+
 # Through the public listener: nothing after a refused message reaches a shard.
 ATTACKS = [
     CHUNKED + b"0x5\r\nhello\r\n0\r\n\r\n",
@@ -209,6 +222,7 @@ ATTACKS = [
     b"GET /json/events?queue_id=" + Q1.encode() + b" HTTP/1.1\r\nHost: chat.example.com:x\r\n\r\n",
     b"DELETE /api/v1/events HTTP/1.0\r\nHost: chat.example.com\r\nConnection: keep-alive\r\n"
     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"CONNECT /json/events HTTP/1.1\r\nHost: chat.example.com\r\nContent-Length: 5\r\n\r\nhello",
 ]
 
 

@@ -103,6 +103,12 @@ STRICTER: dict[str, str] = {
         "3: request-line = method SP request-target SP HTTP-version, single spaces; "
         "kansas tolerates one CRLF before it (2.2), h11 none, kansas not two"
     ),
+    "CONNECT is not served": (
+        "RFC 9110 9.3.6: a CONNECT request has no content, and the bytes after its head "
+        "belong to a tunnel (3.2.3: its target is authority-form); h11 reads a "
+        "Content-Length body and then a next request, llhttp no body and then a tunnel. "
+        "kansas tunnels nothing and refuses CONNECT in any form (400, closed)"
+    ),
     "request body too large": "a limit (413): --max-body-bytes",
     "request head too large": "a limit (431): --max-head-bytes",
     "trailer section too large": "a limit (431): the head limit, for trailers",

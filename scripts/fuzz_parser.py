@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shlex
 import sys
 from collections import Counter
 from pathlib import Path
@@ -136,5 +137,8 @@ if __name__ == "__main__":
         include=["h11", "kansas.http.wire", "kansas.proxy.quick", "kansas.testing.differential"]
     ):
         from kansas.testing import differential
-    atheris.Setup(sys.argv, test_one_input)
+    # libFuzzer runs argv[0] through the shell for -merge and -fork: make it this
+    # interpreter (the venv's) running this file, which need not be executable.
+    command = f"{shlex.quote(sys.executable)} {shlex.quote(str(Path(__file__).resolve()))}"
+    atheris.Setup([command, *sys.argv[1:]], test_one_input)
     atheris.Fuzz()

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The checkout on sys.path lets twistd find twisted/plugins/kansas_plugin.py.
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: test lint typecheck suite run bench chaos fuzz format clean system-deps zulip-e2e
+.PHONY: test lint typecheck suite run bench chaos fuzz fuzz-corpus format clean system-deps zulip-e2e
 
 system-deps:
 	@scripts/system-deps.sh
@@ -49,8 +49,25 @@ bench: $(BIN)/.installed
 chaos: $(BIN)/.installed system-deps
 	$(BIN)/python scripts/chaos.py $(CHAOS_ARGS)
 
+# make fuzz: the hypothesis properties at length, then the differential fuzzer (atheris:
+# kansas's request parser against h11 and llhttp) for FUZZ_SECONDS; new inputs go to
+# .fuzz/corpus (git-ignored), findings to .fuzz/findings (then the target fails).
+# make fuzz-corpus adds to tests/corpus/parser the inputs of .fuzz/corpus that reach new
+# coverage (libFuzzer's merge; the inputs already there stay).
+FUZZ_SECONDS ?= 300
+FUZZ_OPTIONS := -artifact_prefix=.fuzz/ -dict=scripts/fuzz_parser.dict -max_len=2048 -timeout=10 -print_final_stats=1
 fuzz: $(BIN)/.installed
+	$(BIN)/pip install --quiet -e '.[test,fuzz]'
 	KANSAS_FUZZ_EXAMPLES=$${KANSAS_FUZZ_EXAMPLES:-20000} $(BIN)/pytest -q tests/test_fuzz.py --timeout 0
+	rm -rf .fuzz/findings && mkdir -p .fuzz/corpus
+	nice $(BIN)/python scripts/fuzz_parser.py .fuzz/corpus tests/corpus/parser \
+		-max_total_time=$(FUZZ_SECONDS) $(FUZZ_OPTIONS)
+	@if [ -d .fuzz/findings ]; then cat .fuzz/findings/*.txt; exit 1; fi
+
+fuzz-corpus: $(BIN)/.installed
+	mkdir -p .fuzz/corpus
+	nice $(BIN)/python scripts/fuzz_parser.py -merge=1 tests/corpus/parser .fuzz/corpus \
+		$(FUZZ_OPTIONS)
 
 format: $(BIN)/.installed
 	$(BIN)/ruff format src tests twisted bench scripts

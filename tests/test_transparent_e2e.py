@@ -77,12 +77,16 @@ class Watch:
     def __init__(self, stack: Stack, clients: int, duration: float) -> None:
         from twisted.internet import reactor
 
+        # drain: the wait for the last deliveries ends as soon as they are all in; 60 s
+        # leaves room for a move still switching batches when the run ends on a busy
+        # machine (30 s once ran out there, and its undelivered events counted as lost).
+
         self.reactor: Any = reactor
         config = LoadConfig(
             public=f"http://127.0.0.1:{stack.kansas.public_port}",
             internal=f"http://127.0.0.1:{stack.kansas.internal_port}",
             secret=SECRET, realms=[REALM], clients=clients, duration=duration,
-            event_rate=20, recipients=(25, 25), drain=30, seed=6,
+            event_rate=20, recipients=(25, 25), drain=60, seed=6,
         )  # fmt: skip
         self.run = LoadRun(reactor, config, None)
         #: (user, sent at, latency) of every delivery

@@ -191,6 +191,10 @@ def general_response(data: bytes) -> tuple[int, list[Header], bytes, bool] | Non
     b"HTTP/1.1 200 OK\r\nX-Request-Id: theirs\r\nContent-Type: application/json"
     b"\r\nContent-Length: 0\r\n\r\n"
 )
+@example(  # two Connection lines: one list (close, keep-alive), not the last line's
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
+    b"Connection: close\r\nConnection: keep-alive\r\n\r\n{}"
+)
 def test_a_quick_response_is_the_general_parsers_response(data: bytes) -> None:
     quick = quick_response(data)
     if quick is None:

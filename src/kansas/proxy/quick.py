@@ -195,6 +195,8 @@ def quick_response(data: bytes) -> QuickResponse | None:
             if content_type is None:
                 content_type = value
         elif lname == b"connection":
+            if connection is not None:
+                return None  # a list over several lines: the general path combines them
             connection = value
             dropped = True
         elif lname in (b"transfer-encoding", b"close", b"x-accel-redirect"):

@@ -14,12 +14,11 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from kansas.testing.client import call
 from kansas.testing.servers import RedisSentinel, RedisServer
+from kansas.testing.waiting import until
 from tests.test_partitions import ONE, TWO, Stack, metric, start_pollers, stop_pollers
 
 
@@ -30,16 +29,6 @@ def command(port: int, *args: str) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         s.sendall(payload)
         return s.recv(65536)
-
-
-def until(condition: Callable[[], Any], seconds: float, what: str) -> Any:
-    deadline = time.monotonic() + seconds
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what}: not after {seconds} s"
-        time.sleep(0.05)
 
 
 def master_port(sentinel: RedisSentinel) -> int:

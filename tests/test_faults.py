@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytest_twisted
@@ -32,6 +31,7 @@ from kansas.stores.redis import RedisRouteStore, parse_redis_url
 from kansas.testing.client import Reply, call
 from kansas.testing.processes import CHECKOUT, DemoShardProcess, KansasProcess
 from kansas.testing.servers import PostgresServer, RedisServer, free_port
+from kansas.testing.waiting import until
 from tests.conftest import redis_command
 
 SECRET = "faults-secret"
@@ -42,17 +42,6 @@ REDIS_DOWN_CEILING = 1.6
 #: txredisapi reconnects with a back-off capped at 10 s: the longest kansas may need to
 #: use a Redis that is back.
 REDIS_RECONNECT_DEADLINE = 20.0
-
-
-def until(condition: Callable[[], Any], seconds: float, what: str, step: float = 0.05) -> Any:
-    """Poll ``condition`` until it is truthy (returned) or ``seconds`` pass (fail)."""
-    deadline = time.monotonic() + seconds
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what}: not after {seconds} s"
-        time.sleep(step)
 
 
 def timed(fn: Callable[[], Reply]) -> tuple[float, Reply]:

@@ -34,6 +34,7 @@ from kansas.ctl import main as ctl
 from kansas.testing.client import call
 from kansas.testing.netns import TestHost, available, cleanup_stale
 from kansas.testing.processes import CHECKOUT, DemoShardProcess, KansasProcess
+from kansas.testing.waiting import until
 
 SECRET = "partition-secret"
 ONE, TWO = "one.example.com", "two.example.com"
@@ -63,16 +64,6 @@ def test_host(netns_ok: None) -> Iterator[Callable[[str], TestHost]]:
     finally:
         for host in made:
             host.remove()
-
-
-def until(condition: Callable[[], Any], seconds: float, what: str, step: float = 0.05) -> Any:
-    deadline = time.monotonic() + seconds
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what}: not after {seconds} s"
-        time.sleep(step)
 
 
 def request(host: str, port: int, method: str, path: str, *, realm: str = "x",

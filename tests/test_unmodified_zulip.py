@@ -16,9 +16,8 @@ from __future__ import annotations
 import base64
 import json
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from kansas.observe import client as observe
 from kansas.testing.client import Reply, call
 from kansas.testing.processes import DemoShardProcess, KansasProcess
 from kansas.testing.servers import free_port
+from kansas.testing.waiting import until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -36,13 +36,6 @@ SECRET = "unmodified-zulip-secret"
 SPLIT, ONE = "split.example.com", "one.example.com"
 SPLIT_USERS = range(1, 9)  # even ids on the first port of the split, odd on the second
 ONE_USERS = range(100, 104)  # all on the second port
-
-
-def until(what: str, check: Callable[[], bool], seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def auth(realm: str, user: int) -> dict[str, str]:
@@ -190,7 +183,7 @@ class Clients:
                 waiting |= {q["queue_id"] for q in queues if q.get("parked")}
             return {c.queue_id for c in self.all} <= waiting
 
-        until("every long-poll parked at its shard", parked)
+        until(parked, 30, "every long-poll parked at its shard")
 
     def finish(self) -> None:
         self.stop.set()
@@ -207,7 +200,7 @@ def test_a_split_realm_gets_every_event_once_on_both_halves(stack: Stack) -> Non
     clients.wait_parked()
     for n in range(1, 21):
         clients.send(n)
-    until("every event delivered", lambda: all(len(c.got) >= 20 for c in clients.all))
+    until(lambda: all(len(c.got) >= 20 for c in clients.all), 30, "every event delivered")
     clients.finish()
     for c in clients.all:
         assert c.got[:20] == list(range(1, 21)), (c.realm, c.user, c.got)  # once, in order
@@ -251,7 +244,7 @@ def test_unknown_and_deleted_queues_are_bad_event_queue_id_never_502(
         assert reply.status in (200, 400), reply
         return reply.status == 400 and reply.json["code"] == "BAD_EVENT_QUEUE_ID"
 
-    until("the unseen queue deleted", deleted, seconds=10)
+    until(deleted, 10, "the unseen queue deleted")
     assert stack.counter("kansas_shard_unusable_answers_total") == {}
 
 
@@ -260,7 +253,7 @@ def test_a_shard_restart_is_hidden_from_both_halves(stack: Stack) -> None:
     clients.start()
     clients.wait_parked()
     clients.send(1)
-    until("the first event delivered", lambda: all(c.got == [1] for c in clients.all))
+    until(lambda: all(c.got == [1] for c in clients.all), 30, "the first event delivered")
     clients.wait_parked()
     second = stack.zulip.shards[stack.zulip.ports[1]]
     second.stop()  # SIGTERM: it dumps its queues and drops its long-polls
@@ -269,7 +262,7 @@ def test_a_shard_restart_is_hidden_from_both_halves(stack: Stack) -> None:
     clients.wait_parked()
     for n in range(2, 6):
         clients.send(n)
-    until("every event delivered", lambda: all(len(c.got) >= 5 for c in clients.all))
+    until(lambda: all(len(c.got) >= 5 for c in clients.all), 30, "every event delivered")
     clients.finish()  # no client saw anything but 200s
     for c in clients.all:
         assert c.got[:5] == [1, 2, 3, 4, 5], (c.realm, c.user, c.got)

@@ -466,22 +466,10 @@ class FrontProtocol(Protocol):
         """A move invalidated the queue of this waiting long-poll
         (``kansas.proxy.invalidation``): answer it now, at the move's pace, rather than
         at the old shard's heartbeat, and cancel it there."""
-        flight = self.pending
-        if (
-            self.gone
-            or flight is None
-            or flight.method != b"GET"
-            or flight.queue_id != route.queue_id
-            or self.head_out
-            or (self.exchange is not None and self.exchange.started)
-        ):
+        flight = self._waiting_get()
+        if self.gone or flight is None or flight.queue_id != route.queue_id:
             return  # answered, or being answered, meanwhile
-        if self.parked is not None:
-            self.proxy.parking.unpark(self.parked)
-            self.parked = None
-        exchange, self.exchange = self.exchange, None
-        if exchange is not None:
-            exchange.cancel()  # the old shard drops the long-poll with the connection
+        self._withdraw_get()  # the old shard drops the long-poll with the connection
         self.proxy.router.table.uncache(route.queue_id)
         shard = self.proxy.router.directory.current.shards.get(route.shard)
         # The GET's own head, as the shard got it, turned into a DELETE of its queue.
@@ -609,18 +597,32 @@ class FrontProtocol(Protocol):
             self.keep_alive = False
             held.expire()
             return
-        flight = self.pending
-        answering = self.head_out or (self.exchange is not None and self.exchange.started)
-        if flight is None or flight.method != b"GET" or answering:
+        flight = self._waiting_get()
+        if flight is None:
             return  # still routing, already answering, or not a GET: let it finish
+        self._withdraw_get()
+        self.keep_alive = False
+        self._empty_success(flight.queue_id)
+
+    def _waiting_get(self) -> InFlight | None:
+        """The GET in flight, if it is still waiting (parked, or at its shard with no
+        answer byte yet): one kansas may answer itself instead."""
+        flight = self.pending
+        if flight is None or flight.method != b"GET" or self.head_out:
+            return None
+        if self.exchange is not None and self.exchange.started:
+            return None
+        return flight
+
+    def _withdraw_get(self) -> None:
+        """Take the waiting GET back: out of its lot, or its shard connection dropped
+        (the shard frees the long-poll with it)."""
         if self.parked is not None:
             self.proxy.parking.unpark(self.parked)
             self.parked = None
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
             exchange.cancel()
-        self.keep_alive = False
-        self._empty_success(flight.queue_id)
 
     def _resume(self) -> None:
         self.parked = None
